@@ -1,0 +1,203 @@
+// Window partition / reverse: input validation, dispatch to devices, and the C++ CPU implementation.
+#include "window_partition.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <sstream>
+
+namespace florence {
+
+namespace {
+
+std::string sizes_str(at::IntArrayRef sizes) {
+  std::ostringstream ss;
+  ss << sizes;
+  return ss.str();
+}
+
+void check_window_args(at::IntArrayRef window_size, at::IntArrayRef shift_size) {
+  TORCH_CHECK(window_size.size() == 3, "window_size: expected 3 values (Wt, Wh, Ww), got ", sizes_str(window_size));
+  TORCH_CHECK(shift_size.size() == 3, "shift_size: expected 3 values (St, Sh, Sw), got ", sizes_str(shift_size));
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(window_size[i] > 0, "window_size: every value must be positive, got ", sizes_str(window_size));
+    TORCH_CHECK(shift_size[i] >= 0 && shift_size[i] < window_size[i],
+                "shift_size: expected 0 <= shift < window on every axis, got shift ", sizes_str(shift_size),
+                " for window ", sizes_str(window_size));
+  }
+}
+
+void check_element_size(const at::Tensor& t, const char* name) {
+  const auto es = t.element_size();
+  TORCH_CHECK(es == 1 || es == 2 || es == 4 || es == 8, name, ": dtype ", t.scalar_type(),
+              " is not supported (element size must be 1, 2, 4 or 8 bytes)");
+}
+
+template <typename elem_t>
+void partition_cpu_impl(const WindowPartitionParams& p) {
+  const WindowGeometry g = p.geometry;
+  const GatherStrides s = p.src_strides;
+  const auto* src = static_cast<const elem_t*>(p.src);
+  auto* dst = static_cast<elem_t*>(p.dst);
+  const int64_t N = g.tokens_per_window();
+  const int64_t C = g.C;
+  // Grain of 64 tokens: each token copies C elements, so one task moves at least a few KB.
+  at::parallel_for(0, g.num_rows() * N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      elem_t* out = dst + i * C;
+      int64_t b, t, h, w;
+      if (!partition_source(g, i / N, i % N, &b, &t, &h, &w)) {
+        std::memset(out, 0, C * sizeof(elem_t));
+        continue;
+      }
+      const elem_t* in = src + b * s.s0 + t * s.s1 + h * s.s2 + w * s.s3;
+      if (s.s4 == 1) {
+        std::memcpy(out, in, C * sizeof(elem_t));
+      } else {
+        for (int64_t c = 0; c < C; ++c) out[c] = in[c * s.s4];
+      }
+    }
+  });
+}
+
+template <typename elem_t>
+void reverse_cpu_impl(const WindowPartitionParams& p) {
+  const WindowGeometry g = p.geometry;
+  const GatherStrides s = p.src_strides;
+  const auto* src = static_cast<const elem_t*>(p.src);
+  auto* dst = static_cast<elem_t*>(p.dst);
+  const int64_t C = g.C;
+  at::parallel_for(0, g.B * g.T * g.H * g.W, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t w = i % g.W, h = (i / g.W) % g.H, t = (i / (g.W * g.H)) % g.T, b = i / (g.W * g.H * g.T);
+      int64_t row, n;
+      reverse_source(g, b, t, h, w, &row, &n);
+      const elem_t* in = src + row * s.s0 + n * s.s1;
+      elem_t* out = dst + i * C;
+      if (s.s2 == 1) {
+        std::memcpy(out, in, C * sizeof(elem_t));
+      } else {
+        for (int64_t c = 0; c < C; ++c) out[c] = in[c * s.s2];
+      }
+    }
+  });
+}
+
+// A gather moves bits: dispatch on the element size alone, so every dtype of that size shares one loop.
+template <template <typename> class Fn>
+void dispatch_element_size(const WindowPartitionParams& p) {
+  switch (p.element_size) {
+    case 1: return Fn<uint8_t>::run(p);
+    case 2: return Fn<uint16_t>::run(p);
+    case 4: return Fn<uint32_t>::run(p);
+    case 8: return Fn<uint64_t>::run(p);
+    default: TORCH_CHECK(false, "unsupported element size ", p.element_size);
+  }
+}
+
+template <typename T>
+struct PartitionCpu {
+  static void run(const WindowPartitionParams& p) { partition_cpu_impl<T>(p); }
+};
+template <typename T>
+struct ReverseCpu {
+  static void run(const WindowPartitionParams& p) { reverse_cpu_impl<T>(p); }
+};
+
+at::Tensor window_partition(const at::Tensor& x, at::IntArrayRef window_size, at::IntArrayRef shift_size) {
+  TORCH_CHECK(x.dim() == 5, "x: expected a (B, T, H, W, C) tensor, got shape ", sizes_str(x.sizes()));
+  check_window_args(window_size, shift_size);
+  check_element_size(x, "x");
+  WindowPartitionParams p;
+  p.geometry = make_geometry(x.sizes(), window_size, shift_size);
+  const auto& g = p.geometry;
+  auto out = at::empty({g.num_rows(), g.tokens_per_window(), g.C}, x.options());
+  p.src_strides = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
+  p.src = x.data_ptr();
+  p.dst = out.data_ptr();
+  p.element_size = x.element_size();
+  p.device_index = x.is_cuda() ? x.get_device() : -1;
+  if (out.numel() == 0) return out;
+  if (x.is_cuda()) {
+#ifdef WITH_CUDA
+    window_partition_cuda(p);
+#else
+    TORCH_CHECK(false, "x: florence_kernels._C was built without CUDA (FLORENCE_SKIP_CUDA_BUILD or no nvcc)");
+#endif
+  } else {
+    TORCH_CHECK(x.is_cpu(), "x: expected a CPU or CUDA tensor, got device ", x.device());
+    dispatch_element_size<PartitionCpu>(p);
+  }
+  return out;
+}
+
+at::Tensor window_reverse(const at::Tensor& windows, at::IntArrayRef window_size, at::IntArrayRef shift_size,
+                          at::IntArrayRef shape) {
+  TORCH_CHECK(windows.dim() == 3, "windows: expected a (B * nWin, Wt * Wh * Ww, C) tensor, got shape ",
+              sizes_str(windows.sizes()));
+  TORCH_CHECK(shape.size() == 4, "shape: expected (B, T, H, W), got ", sizes_str(shape));
+  check_window_args(window_size, shift_size);
+  check_element_size(windows, "windows");
+  const int64_t C = windows.size(2);
+  WindowPartitionParams p;
+  p.geometry = make_geometry({shape[0], shape[1], shape[2], shape[3], C}, window_size, shift_size);
+  const auto& g = p.geometry;
+  TORCH_CHECK(windows.size(0) == g.num_rows() && windows.size(1) == g.tokens_per_window(), "windows: expected shape [",
+              g.num_rows(), ", ", g.tokens_per_window(), ", ", C, "] for output shape ", sizes_str(shape),
+              ", window ", sizes_str(window_size), ", got ", sizes_str(windows.sizes()));
+  auto out = at::empty({g.B, g.T, g.H, g.W, C}, windows.options());
+  p.src_strides = {windows.stride(0), windows.stride(1), windows.stride(2), 0, 0};
+  p.src = windows.data_ptr();
+  p.dst = out.data_ptr();
+  p.element_size = windows.element_size();
+  p.device_index = windows.is_cuda() ? windows.get_device() : -1;
+  if (out.numel() == 0) return out;
+  if (windows.is_cuda()) {
+#ifdef WITH_CUDA
+    window_reverse_cuda(p);
+#else
+    TORCH_CHECK(false, "windows: florence_kernels._C was built without CUDA (FLORENCE_SKIP_CUDA_BUILD or no nvcc)");
+#endif
+  } else {
+    TORCH_CHECK(windows.is_cpu(), "windows: expected a CPU or CUDA tensor, got device ", windows.device());
+    dispatch_element_size<ReverseCpu>(p);
+  }
+  return out;
+}
+
+}  // namespace
+
+WindowGeometry make_geometry(at::IntArrayRef s, at::IntArrayRef window_size, at::IntArrayRef shift_size) {
+  WindowGeometry g;
+  g.B = s[0];
+  g.T = s[1];
+  g.H = s[2];
+  g.W = s[3];
+  g.C = s[4];
+  for (auto v : s) TORCH_CHECK(v >= 0, "shape: negative size in ", sizes_str(s));
+  g.wt = window_size[0];
+  g.wh = window_size[1];
+  g.ww = window_size[2];
+  g.st = shift_size[0];
+  g.sh = shift_size[1];
+  g.sw = shift_size[2];
+  g.nT = (g.T + g.wt - 1) / g.wt;
+  g.nH = (g.H + g.wh - 1) / g.wh;
+  g.nW = (g.W + g.ww - 1) / g.ww;
+  return g;
+}
+
+TORCH_LIBRARY_IMPL(florence_kernels_C, CPU, m) {
+  m.impl("window_partition", &window_partition);
+  m.impl("window_reverse", &window_reverse);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(florence_kernels_C, CUDA, m) {
+  m.impl("window_partition", &window_partition);
+  m.impl("window_reverse", &window_reverse);
+}
+#endif
+
+}  // namespace florence
