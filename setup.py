@@ -96,7 +96,8 @@ def extension_modules():
         arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         include_dirs += nvidia_pip_include_dirs()
-        defines = ["-DWITH_CUDA", f'-DFK_CUDA_ARCH_LIST="{arch_list}"']
+        arch_csv = ",".join(a.strip() for a in arch_list.replace(" ", ";").split(";") if a.strip())
+        defines = ["-DWITH_CUDA", f'-DFK_CUDA_ARCH_LIST="{arch_csv}"']
         log(f"building with CUDA from {cuda_home} for TORCH_CUDA_ARCH_LIST={arch_list}, MAX_JOBS={os.environ['MAX_JOBS']}")
         ext = CUDAExtension(
             "florence_kernels._C",

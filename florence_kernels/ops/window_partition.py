@@ -65,7 +65,8 @@ def resolve_geometry(size_thw: Sequence[int], window_size: Sequence[int], shift_
     return Geometry(tuple(window), tuple(shift), padded, counts)
 
 
-def _as_triple(name: str, value, ndim_spatial: int, default: int | None = None) -> tuple[int, int, int]:
+def _as_triple(name: str, value, ndim_spatial: int, time_value: int) -> tuple[int, int, int]:
+    """(Wh, Ww) -> (time_value, Wh, Ww) for 2-D grids; ints broadcast to every axis."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,) * ndim_spatial
     try:
@@ -77,7 +78,7 @@ def _as_triple(name: str, value, ndim_spatial: int, default: int | None = None) 
             f"{name}: expected {ndim_spatial} values for a {'(B, H, W, C)' if ndim_spatial == 2 else '(B, T, H, W, C)'}"
             f" input, got {value}"
         )
-    return (1, *value) if ndim_spatial == 2 else value
+    return (time_value, *value) if ndim_spatial == 2 else value
 
 
 def _check_window_args(window: tuple[int, int, int], shift: tuple[int, int, int], ndim_spatial: int):
@@ -413,8 +414,8 @@ def window_partition(
     """
     _check_tensor("x", x, (4, 5), "a (B, T, H, W, C) or (B, H, W, C) tensor")
     nsp = x.dim() - 2
-    window = _as_triple("window_size", window_size, nsp)
-    shift = _as_triple("shift_size", shift_size, nsp)
+    window = _as_triple("window_size", window_size, nsp, 1)
+    shift = _as_triple("shift_size", shift_size, nsp, 0)
     _check_window_args(window, shift, nsp)
     x5 = x.unsqueeze(1) if nsp == 2 else x
     name = WINDOW_PARTITION.select([x5], backend)
@@ -444,8 +445,8 @@ def window_reverse(
     if len(shape) not in (4, 5):
         raise ValueError(f"shape: expected (B, T, H, W, C) or (B, H, W, C), got {shape}")
     nsp = len(shape) - 2
-    window = _as_triple("window_size", window_size, nsp)
-    shift = _as_triple("shift_size", shift_size, nsp)
+    window = _as_triple("window_size", window_size, nsp, 1)
+    shift = _as_triple("shift_size", shift_size, nsp, 0)
     _check_window_args(window, shift, nsp)
     shape5 = (shape[0], 1, *shape[1:]) if nsp == 2 else shape
     if shape5[-1] != windows.shape[-1]:
@@ -463,3 +464,37 @@ def window_reverse(
     else:
         out = _window_reverse_op(windows, list(window), list(shape5[:4]), list(shift), name)
     return out.squeeze(1) if nsp == 2 else out
+
+
+# --- ahead-of-time compile specs (florence_kernels.triton_aot) ------------------------------------------------------
+
+
+def triton_aot_specs() -> list[dict]:
+    """Every (dtype, integer width, launch configuration) the triton backend can launch, for triton.compile.
+
+    Triton types an int argument as i32 when it fits and i64 otherwise; sizes of video batches stay in i32 but
+    a big enough tensor makes its strides and token count i64, so both are compiled.
+    """
+    if not HAS_TRITON:
+        return []
+    int_args = ["T", "H", "W", "C", "wt", "wh", "ww", "st", "sh", "sw", "nT", "nH", "nW"]
+    wide_args = ["stride_a", "stride_b", "stride_c", "stride_d", "stride_ch", "total_tokens"]
+    specs = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for wide in ("i32", "i64"):
+            for cfg in triton_launch_configs():
+                constexprs = {k: cfg[k] for k in ("REVERSE", "BLOCK_TOKENS", "BLOCK_C")}
+                signature = {"src_ptr": f"*{dtype}", "dst_ptr": f"*{dtype}"}
+                signature.update({a: "i32" for a in int_args})
+                signature.update({a: wide for a in wide_args})
+                signature.update({k: "constexpr" for k in constexprs})
+                specs.append(
+                    {
+                        "name": f"window_gather[{dtype},{wide},reverse={cfg['REVERSE']},BLOCK_C={cfg['BLOCK_C']}]",
+                        "fn": _window_gather_kernel,
+                        "signature": signature,
+                        "constexprs": constexprs,
+                        "num_warps": cfg["num_warps"],
+                    }
+                )
+    return specs

@@ -1,0 +1,82 @@
+"""Compile every Triton kernel, at every configuration its launcher can choose, for real GPU targets.
+
+Runs without a GPU (Triton ships ptxas) and catches what the interpreter forgives: tl.dot operands smaller than
+16, non-power-of-two blocks, dtype mismatches, shared memory over the per-block limit.
+
+    python -m florence_kernels.triton_aot --arch 80 90 [--json report.json]
+
+Must run without TRITON_INTERPRET (under the interpreter kernels are not compiled); exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Usable shared memory per block (bytes): A100 164 KB - 1 KB reserved; H100 228 KB - 1 KB reserved.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def all_specs() -> list[dict]:
+    from .ops import window_partition
+
+    return window_partition.triton_aot_specs()
+
+
+def compile_all(archs: list[int], name_filter: str | None = None) -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results = []
+    for spec in all_specs():
+        if name_filter and name_filter not in spec["name"]:
+            continue
+        for arch in archs:
+            row = {"kernel": spec["name"], "arch": f"sm_{arch}", "num_warps": spec["num_warps"]}
+            t0 = time.perf_counter()
+            try:
+                src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
+                compiled = triton.compile(
+                    src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]}
+                )
+                shared = int(compiled.metadata.shared)
+                limit = SHARED_MEMORY_LIMIT.get(arch, 48 * 1024)
+                row.update(ok=shared <= limit, shared_bytes=shared, shared_limit=limit)
+                if shared > limit:
+                    row["error"] = f"shared memory {shared} B > {limit} B usable per block on sm_{arch}"
+            except Exception as e:  # report every failure, not just the first
+                row.update(ok=False, error=f"{type(e).__name__}: {e}".splitlines()[0][:500])
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            results.append(row)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--filter", default=None, help="only kernels whose name contains this")
+    parser.add_argument("--json", default=None, help="write the report here (atomically)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("triton_aot: unset TRITON_INTERPRET / FLORENCE_TRITON_INTERPRET: interpreted kernels cannot be compiled")
+        return 2
+    results = compile_all(args.arch, args.filter)
+    failed = [r for r in results if not r["ok"]]
+    for r in results:
+        status = "ok  " if r["ok"] else "FAIL"
+        extra = f"shared={r.get('shared_bytes', '?')}B" if r["ok"] else r["error"]
+        print(f"{status} {r['arch']} {r['kernel']} {extra}")
+    print(f"{len(results) - len(failed)} compiled, {len(failed)} failed")
+    if args.json:
+        from ._io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=1))
+    return 1 if failed or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

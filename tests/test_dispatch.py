@@ -1,0 +1,81 @@
+"""Backend choice: automatic order, explicit requests, FLORENCE_BACKEND, reasons."""
+
+import logging
+
+import pytest
+import torch
+
+import florence_kernels as fk
+from florence_kernels._dispatch import Backend, Op
+
+
+def _toy_op():
+    return Op(
+        "toy",
+        {
+            "reference": Backend("reference", ("cpu", "cuda")),
+            "torch": Backend("torch", ("cpu", "cuda")),
+            "cpp": Backend("cpp", ("cpu",), (torch.float32,)),
+            "triton": Backend("triton", ("cuda",), (torch.float16,), (8, 0)),
+            "cuda": Backend("cuda", ("cuda",), impl_reasons=lambda x: ["too big"] if x.numel() > 10 else []),
+        },
+    )
+
+
+def test_automatic_choice_on_cpu_prefers_cpp_then_falls_back_to_torch(caplog):
+    op = _toy_op()
+    assert op.select([torch.zeros(3)]) == "cpp"
+    with caplog.at_level(logging.DEBUG, logger="florence_kernels"):
+        assert op.select([torch.zeros(3, dtype=torch.float16)]) == "torch"
+    assert "skipping backend cpp" in caplog.text and "dtype torch.float16 not in ['float32']" in caplog.text
+
+
+def test_explicit_backend_lists_every_reason():
+    op = _toy_op()
+    with pytest.raises(fk.BackendNotSupportedError) as e:
+        op.select([torch.zeros(3, dtype=torch.float64)], backend="cuda")
+    msg = str(e.value)
+    assert "toy: backend 'cuda' cannot run this input ((3,) float64 on cpu)" in msg
+    assert "dtype torch.float64 not in ['float32', 'float16', 'bfloat16']" in msg
+    assert "cuda runs on cuda tensors, not cpu" in msg
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(fk.BackendNotSupportedError, match=r"unknown backend 'fast'.*\['cpp', 'cuda', 'reference'"):
+        _toy_op().select([torch.zeros(3)], backend="fast")
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    op = _toy_op()
+    monkeypatch.setenv("FLORENCE_BACKEND", "reference")
+    assert op.select([torch.zeros(3)]) == "reference"
+    monkeypatch.setenv("FLORENCE_BACKEND", "cuda")
+    with pytest.raises(fk.BackendNotSupportedError, match="backend 'cuda' cannot run"):
+        op.select([torch.zeros(3)])
+    # An explicit argument wins over the variable.
+    assert op.select([torch.zeros(3)], backend="torch") == "torch"
+
+
+def test_forced_backend_reaches_the_public_op(monkeypatch):
+    """FLORENCE_BACKEND=reference makes window_partition run the literal reference (autograd through pad/roll)."""
+    monkeypatch.setenv("FLORENCE_BACKEND", "reference")
+    x = torch.randn(1, 14, 14, 4, requires_grad=True)
+    out = fk.window_partition(x, 7, 3)
+    assert "florence_kernels" not in out.grad_fn.name()  # plain autograd through pad/roll/permute
+    monkeypatch.setenv("FLORENCE_BACKEND", "torch")
+    out = fk.window_partition(x, 7, 3)
+    assert "florence_kernels_window_partition" in out.grad_fn.name()
+
+
+def test_mixed_devices_are_reported():
+    op = _toy_op()
+    meta = torch.zeros(3, device="meta")
+    reasons = op.backends["torch"].not_supported_reasons([torch.zeros(3), meta])
+    assert any("different devices" in r for r in reasons)
+
+
+def test_registry_lists_every_public_op():
+    assert {"window_partition", "window_reverse"} <= set(fk.OPS)
+    for op in fk.OPS.values():
+        assert set(op.backends) <= set(fk.BACKEND_NAMES)
+        assert "reference" in op.backends and "torch" in op.backends
