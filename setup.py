@@ -91,7 +91,9 @@ def extension_modules():
 
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3"]
+    # at::parallel_for is header code: without -fopenmp in our own compile it silently runs on one thread.
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if cuda_home:
         arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
@@ -104,9 +106,13 @@ def extension_modules():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + defines, "nvcc": ["-O3", "--expt-relaxed-constexpr"] + defines},
+            extra_link_args=link_flags,
         )
     else:
-        ext = CppExtension("florence_kernels._C", sources, include_dirs=include_dirs, extra_compile_args=cxx_flags)
+        ext = CppExtension(
+            "florence_kernels._C", sources, include_dirs=include_dirs, extra_compile_args=cxx_flags,
+            extra_link_args=link_flags,
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

