@@ -41,8 +41,10 @@ def find_cuda_home():
         except OSError:
             pass
     for c in candidates:
-        if c and os.path.isfile(os.path.join(c, "include", "cuda_runtime.h")) and os.path.isfile(
-            os.path.join(c, "bin", "nvcc")
+        if (
+            c
+            and os.path.isfile(os.path.join(c, "include", "cuda_runtime.h"))
+            and os.path.isfile(os.path.join(c, "bin", "nvcc"))
         ):
             return os.path.realpath(c)
     return None
@@ -100,7 +102,10 @@ def extension_modules():
         include_dirs += nvidia_pip_include_dirs()
         arch_csv = ",".join(a.strip() for a in arch_list.replace(" ", ";").split(";") if a.strip())
         defines = ["-DWITH_CUDA", f'-DFK_CUDA_ARCH_LIST="{arch_csv}"']
-        log(f"building with CUDA from {cuda_home} for TORCH_CUDA_ARCH_LIST={arch_list}, MAX_JOBS={os.environ['MAX_JOBS']}")
+        log(
+            f"building with CUDA from {cuda_home} for TORCH_CUDA_ARCH_LIST={arch_list}, "
+            f"MAX_JOBS={os.environ['MAX_JOBS']}"
+        )
         ext = CUDAExtension(
             "florence_kernels._C",
             sources,
@@ -110,7 +115,10 @@ def extension_modules():
         )
     else:
         ext = CppExtension(
-            "florence_kernels._C", sources, include_dirs=include_dirs, extra_compile_args=cxx_flags,
+            "florence_kernels._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=cxx_flags,
             extra_link_args=link_flags,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}

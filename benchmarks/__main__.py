@@ -1,7 +1,7 @@
 """Run every benchmark (benchmarks/bench_*.py) on the shared harness and print one table.
 
-    python -m benchmarks [--quick] [--device cpu|cuda] [--dtype ...] [--out DIR] [--compare OLD_DIR]
-                         [--fail-if-regression PCT] [--only window_partition ...]
+python -m benchmarks [--quick] [--device cpu|cuda] [--dtype ...] [--out DIR] [--compare OLD_DIR]
+                     [--fail-if-regression PCT] [--only window_partition ...]
 """
 
 from __future__ import annotations

@@ -42,8 +42,11 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
         out.append(
             Case(
                 name,
-                {"shape": "x".join(map(str, shape)), "window": "x".join(map(str, window)),
-                 "shift": "x".join(map(str, shift))},
+                {
+                    "shape": "x".join(map(str, shape)),
+                    "window": "x".join(map(str, window)),
+                    "shift": "x".join(map(str, shift)),
+                },
                 make_inputs,
                 bytes_moved=lambda mode, nbytes=nbytes: nbytes * (2 if mode == "full" else 1),
             )

@@ -63,11 +63,20 @@ class Provider:
 
 
 def git_commit() -> str:
+    """FLORENCE_COMMIT when set (the GPU machine gets a working tree without .git), else git's HEAD."""
+    if os.environ.get("FLORENCE_COMMIT"):
+        return os.environ["FLORENCE_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -194,8 +203,9 @@ def _status_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def cpu_peak_memory_child(bench_module: str, case_name: str, provider_name: str, mode: str, dtype: str,
-                          quick: bool) -> dict:
+def cpu_peak_memory_child(
+    bench_module: str, case_name: str, provider_name: str, mode: str, dtype: str, quick: bool
+) -> dict:
     """Runs in a fresh process: inputs made and one warm-up step (lazy inits, caches), then the peak RSS of one
     more step above the RSS just before it. Linux resets the peak (VmHWM) on writing 5 to /proc/self/clear_refs."""
     mod = __import__(bench_module, fromlist=["cases"])
@@ -213,8 +223,17 @@ def cpu_peak_memory_child(bench_module: str, case_name: str, provider_name: str,
 
 
 def cpu_peak_memory_mb(bench_module, case, provider, mode, dtype, quick) -> float | None:
-    cmd = [sys.executable, "-m", "benchmarks.harness", "--memory-child", bench_module, case.name, provider.name,
-           mode, dtype] + (["--quick"] if quick else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.harness",
+        "--memory-child",
+        bench_module,
+        case.name,
+        provider.name,
+        mode,
+        dtype,
+    ] + (["--quick"] if quick else [])
     # Large blocks go straight to mmap and back to the OS on free, so RSS follows live memory and the warm-up's
     # freed blocks cannot hide the measured step's allocations.
     env = {**os.environ, "PYTHONPATH": ROOT, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -261,8 +280,16 @@ def run(bench_module: str, args) -> list[dict]:
         except Exception as e:  # a provider that breaks is reported, the run goes on
             print(f"  {provider.name} failed on {case.name}/{mode}: {type(e).__name__}: {e}", file=sys.stderr)
             continue
-        row = {"bench": mod.NAME, "case": case.name, **{f"param_{k}": v for k, v in case.params.items()},
-               "provider": provider.name, "mode": mode, "dtype": args.dtype, **timing, "peak_mem_mb": peak}
+        row = {
+            "bench": mod.NAME,
+            "case": case.name,
+            **{f"param_{k}": v for k, v in case.params.items()},
+            "provider": provider.name,
+            "mode": mode,
+            "dtype": args.dtype,
+            **timing,
+            "peak_mem_mb": peak,
+        }
         seconds = timing["median_ms"] / 1e3
         if case.bytes_moved:
             row["gbps"] = case.bytes_moved(mode) / seconds / 1e9
@@ -285,15 +312,19 @@ def _add_speedups(rows):
 
 
 def format_table(rows) -> str:
-    head = f"{'bench':<18} {'case':<28} {'mode':<8} {'provider':<15} {'median ms':>10} {'p20-p80 ms':>17} " \
-           f"{'x ref':>6} {'GB/s':>7} {'peak MB':>8}"
+    head = (
+        f"{'bench':<18} {'case':<28} {'mode':<8} {'provider':<15} {'median ms':>10} {'p20-p80 ms':>17} "
+        f"{'x ref':>6} {'GB/s':>7} {'peak MB':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         gbps = f"{r['gbps']:.1f}" if r.get("gbps") is not None else ""
         sp = f"{r['speedup_vs_reference']:.2f}" if r.get("speedup_vs_reference") else ""
         mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else ""
-        lines.append(f"{r['bench']:<18} {r['case']:<28} {r['mode']:<8} {r['provider']:<15} {r['median_ms']:>10.3f} "
-                     f"{r['p20_ms']:>8.3f}-{r['p80_ms']:<8.3f} {sp:>6} {gbps:>7} {mem:>8}")
+        lines.append(
+            f"{r['bench']:<18} {r['case']:<28} {r['mode']:<8} {r['provider']:<15} {r['median_ms']:>10.3f} "
+            f"{r['p20_ms']:>8.3f}-{r['p80_ms']:<8.3f} {sp:>6} {gbps:>7} {mem:>8}"
+        )
     return "\n".join(lines)
 
 
@@ -351,8 +382,11 @@ def plot(rows, path: str) -> bool:
     ax.set_xticklabels([f"{c}\n{m}" for c, m in groups], fontsize=7)
     ax.set_ylabel("speed-up over reference (higher is better)")
     r0 = rows[0]
-    ax.set_title(f"{r0['bench']} ({r0['dtype']}) on {r0['device_name']}\n"
-                 f"torch {r0['torch']}, triton {r0['triton']}, commit {r0['commit']}", fontsize=9)
+    ax.set_title(
+        f"{r0['bench']} ({r0['dtype']}) on {r0['device_name']}\n"
+        f"torch {r0['torch']}, triton {r0['triton']}, commit {r0['commit']}",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -379,8 +413,10 @@ def compare(rows, old_path: str, fail_pct: float | None) -> int:
         change = (r["median_ms"] / o["median_ms"] - 1) * 100
         worst = max(worst, change)
         flag = "  REGRESSION" if fail_pct is not None and change > fail_pct else ""
-        print(f"  {r['case']:<28} {r['mode']:<8} {r['provider']:<15} {o['median_ms']:.3f} -> {r['median_ms']:.3f} ms "
-              f"({change:+.1f}%){flag}")
+        print(
+            f"  {r['case']:<28} {r['mode']:<8} {r['provider']:<15} {o['median_ms']:.3f} -> {r['median_ms']:.3f} ms "
+            f"({change:+.1f}%){flag}"
+        )
     if fail_pct is not None and worst > fail_pct:
         print(f"slowest change {worst:+.1f}% exceeds --fail-if-regression {fail_pct}%")
         return 1

@@ -1,8 +1,8 @@
 """Florence Kernels: fused Triton and CUDA C++ kernels for Florence, each a drop-in for a PyTorch reference.
 
-    import florence_kernels as fk
-    windows = fk.window_partition(x, window_size=(8, 7, 7), shift_size=(4, 3, 3))
-    x = fk.window_reverse(windows, window_size=(8, 7, 7), shape=x.shape, shift_size=(4, 3, 3))
+import florence_kernels as fk
+windows = fk.window_partition(x, window_size=(8, 7, 7), shift_size=(4, 3, 3))
+x = fk.window_reverse(windows, window_size=(8, 7, 7), shape=x.shape, shift_size=(4, 3, 3))
 """
 
 from . import _env  # noqa: F401  (must run before triton is imported: FLORENCE_TRITON_INTERPRET)

@@ -122,7 +122,9 @@ class Backend:
             and _cuda_capability(t0.device) < self.min_compute_capability
         ):
             cc = _cuda_capability(t0.device)
-            reasons.append(f"compute capability {cc[0]}.{cc[1]} < required {'.'.join(map(str, self.min_compute_capability))}")
+            reasons.append(
+                f"compute capability {cc[0]}.{cc[1]} < required {'.'.join(map(str, self.min_compute_capability))}"
+            )
         if self.impl_reasons is not None and not reasons:
             reasons += self.impl_reasons(*tensors, **kwargs)
         return reasons

@@ -27,7 +27,9 @@ def gather_info() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": triton_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if torch.cuda.is_available() else None,
+        "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0)))
+        if torch.cuda.is_available()
+        else None,
         "extension": build if build is not None else {"error": extension_import_error()},
         "ops": {},
     }
@@ -68,9 +70,11 @@ def markdown_table() -> str:
             if b == "triton":
                 devices += " (cpu: interpreter)"
             dtypes = ", ".join(DTYPE_NAMES.get(d, str(d)) for d in backend.dtypes)
-            cc = f", sm_{backend.min_compute_capability[0]}{backend.min_compute_capability[1]}+" if (
-                backend.min_compute_capability
-            ) else ""
+            cc = (
+                f", sm_{backend.min_compute_capability[0]}{backend.min_compute_capability[1]}+"
+                if (backend.min_compute_capability)
+                else ""
+            )
             cells.append(f"{devices}: {dtypes}{cc}")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -95,10 +99,12 @@ def format_info(info: dict) -> str:
         out.append(f"\n{op_name}:")
         for b, row in rows.items():
             status = "available" if row["runnable_here"] else "not runnable here"
-            out.append(f"  {b:<10} {status:<18} devices={','.join(row['devices'])} dtypes={','.join(row['dtypes'])}")
+            if b == "cuda" and ext.get("cuda") and not row["runnable_here"]:
+                status = f"built ({ext['cuda_arch_list']}), not runnable here"
+            out.append(f"  {b:<10} {status:<34} devices={','.join(row['devices'])} dtypes={','.join(row['dtypes'])}")
             for dev in ("cpu", "cuda"):
                 if row["here"][dev]["reasons"] and dev in row["devices"] + (["cpu"] if b == "triton" else []):
-                    out.append(f"  {'':<10}   on {dev}: " + "; ".join(row["here"][dev]["reasons"]))
+                    out.append(f"  {'':<10} on {dev}: " + "; ".join(row["here"][dev]["reasons"]))
     return "\n".join(out)
 
 

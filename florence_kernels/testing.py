@@ -33,9 +33,7 @@ def assert_close_to_reference(
 def assert_bit_exact(out: torch.Tensor, ref: torch.Tensor, *, what: str = "output") -> None:
     """Gathers and scatters must reproduce the reference bit for bit (torch.equal)."""
     if out.shape != ref.shape or out.dtype != ref.dtype:
-        raise AssertionError(
-            f"{what}: got {tuple(out.shape)} {out.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
-        )
+        raise AssertionError(f"{what}: got {tuple(out.shape)} {out.dtype}, expected {tuple(ref.shape)} {ref.dtype}")
     if not torch.equal(out, ref):
         diff = (out.double() - ref.double()).abs()
         nz = int((diff != 0).sum()) + int(torch.isnan(diff).sum())

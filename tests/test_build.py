@@ -52,8 +52,13 @@ def test_cmake_builds_the_same_extension(tmp_path):
     """)
     # florence_kernels must not import its own _C here: run from a folder where the package's _C is shadowed.
     env["PYTHONPATH"] = ROOT
-    run = subprocess.run([sys.executable, "-c", "import sys; sys.modules['florence_kernels._C'] = None\n" + check],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['florence_kernels._C'] = None\n" + check],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     if os.path.isfile("/usr/local/cuda/bin/nvcc") and env.get("FLORENCE_SKIP_CUDA_BUILD") != "1":
         assert run.stdout.split() == ["cuda", env["TORCH_CUDA_ARCH_LIST"].replace(";", ",")], run.stdout

@@ -37,7 +37,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
 def test_aot_check_rejects_what_the_interpreter_forgives(tmp_path):
     """The harness must fail on a kernel the interpreter accepts: tl.dot of 8x8 operands."""
     script = tmp_path / "bad.py"
-    script.write_text(textwrap.dedent('''
+    script.write_text(
+        textwrap.dedent("""
         import triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -56,7 +57,8 @@ def test_aot_check_rejects_what_the_interpreter_forgives(tmp_path):
             print("rejected:", type(e).__name__)
         else:
             print("accepted")
-    '''))
+    """)
+    )
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_clean_env(), timeout=300)
     assert "rejected" in proc.stdout, proc.stdout + proc.stderr
 
@@ -64,6 +66,7 @@ def test_aot_check_rejects_what_the_interpreter_forgives(tmp_path):
 def test_aot_refuses_to_run_under_the_interpreter():
     env = _clean_env()
     env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "florence_kernels.triton_aot"], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "florence_kernels.triton_aot"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stdout

@@ -86,8 +86,9 @@ def _check_window_args(window: tuple[int, int, int], shift: tuple[int, int, int]
     if any(w <= 0 for w in window):
         raise ValueError(f"window_size: every value must be positive, got {shown(window)}")
     if any(s < 0 or s >= w for s, w in zip(shift, window, strict=True)):
-        raise ValueError(f"shift_size: expected 0 <= shift < window on every axis, got {shown(shift)} "
-                         f"for window {shown(window)}")
+        raise ValueError(
+            f"shift_size: expected 0 <= shift < window on every axis, got {shown(shift)} for window {shown(window)}"
+        )
 
 
 # --- reference: the literal Video Swin code path ---------------------------------------------------------------
@@ -245,7 +246,12 @@ def triton_launch_config(C: int) -> dict:
 def triton_launch_configs() -> list[dict]:
     """Every configuration the launcher can choose, for ahead-of-time compile checks."""
     return [
-        {"REVERSE": rev, "BLOCK_C": bc, "BLOCK_TOKENS": TRITON_ELEMENTS_PER_PROGRAM // bc, "num_warps": TRITON_NUM_WARPS}
+        {
+            "REVERSE": rev,
+            "BLOCK_C": bc,
+            "BLOCK_TOKENS": TRITON_ELEMENTS_PER_PROGRAM // bc,
+            "num_warps": TRITON_NUM_WARPS,
+        }
         for rev in (False, True)
         for bc in TRITON_BLOCK_C_CHOICES
     ]
@@ -396,9 +402,7 @@ def _check_tensor(name: str, t, expected_dims: tuple[int, ...], layout: str):
         raise ValueError(f"{name}: expected {layout}, got shape {tuple(t.shape)}")
 
 
-def window_partition(
-    x: torch.Tensor, window_size, shift_size=0, backend: str | None = None
-) -> torch.Tensor:
+def window_partition(x: torch.Tensor, window_size, shift_size=0, backend: str | None = None) -> torch.Tensor:
     """Cyclic shift + window partition, fused.
 
     Args:
@@ -429,9 +433,7 @@ def window_partition(
     return _window_partition_op(x5, list(window), list(shift), name)
 
 
-def window_reverse(
-    windows: torch.Tensor, window_size, shape, shift_size=0, backend: str | None = None
-) -> torch.Tensor:
+def window_reverse(windows: torch.Tensor, window_size, shape, shift_size=0, backend: str | None = None) -> torch.Tensor:
     """Inverse of :func:`window_partition`: windows back to the (unpadded) grid, shift undone.
 
     Args:
@@ -460,7 +462,7 @@ def window_reverse(
     expected = (shape5[0] * g.num_windows, g.tokens_per_window, shape5[-1])
     if tuple(windows.shape) != expected:
         raise ValueError(
-            f"windows: expected shape {expected} for grid {shape} with window {window[3 - nsp:]}, "
+            f"windows: expected shape {expected} for grid {shape} with window {window[3 - nsp :]}, "
             f"got {tuple(windows.shape)}"
         )
     name = WINDOW_REVERSE.select([windows], backend)

@@ -53,8 +53,10 @@ def test_gpu_backends_bit_exact(case, dtype, backend):
 def test_gpu_noncontiguous(backend):
     qkv = torch.randn(2, 4, 14, 14, 3, 4, 16, device="cuda", dtype=torch.bfloat16)
     for x in (qkv[:, :, :, :, 0, 1], qkv.flatten(-3)[..., 64:128], qkv.flatten(-3).permute(0, 1, 3, 2, 4)):
-        assert_bit_exact(fk.window_partition(x, (2, 7, 7), (1, 3, 3), backend=backend),
-                         window_partition_reference(x, (2, 7, 7), (1, 3, 3)))
+        assert_bit_exact(
+            fk.window_partition(x, (2, 7, 7), (1, 3, 3), backend=backend),
+            window_partition_reference(x, (2, 7, 7), (1, 3, 3)),
+        )
 
 
 def test_gpu_automatic_choice_is_cuda():

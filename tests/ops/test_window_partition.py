@@ -102,7 +102,9 @@ def test_reverse_forward_backward_bit_exact(case, dtype, backend):
 def test_round_trip_is_identity(case, backend):
     shape, window, shift = case
     x = torch.randn(shape)
-    back = fk.window_reverse(fk.window_partition(x, window, shift, backend=backend), window, shape, shift, backend=backend)
+    back = fk.window_reverse(
+        fk.window_partition(x, window, shift, backend=backend), window, shape, shift, backend=backend
+    )
     assert_bit_exact(back, x, what=f"reverse(partition(x))[{backend}]")
 
 
@@ -132,8 +134,9 @@ def test_noncontiguous_input(name, x, backend):
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in ("torch", "cpp")])
 def test_float64_and_empty_batch(backend):
     x = torch.randn(2, 3, 9, 10, 6, dtype=torch.float64)
-    assert_bit_exact(fk.window_partition(x, (2, 4, 4), (1, 2, 3), backend=backend),
-                     _reference_partition(x, (2, 4, 4), (1, 2, 3)))
+    assert_bit_exact(
+        fk.window_partition(x, (2, 4, 4), (1, 2, 3), backend=backend), _reference_partition(x, (2, 4, 4), (1, 2, 3))
+    )
     empty = torch.randn(0, 3, 9, 10, 6)
     assert fk.window_partition(empty, (2, 4, 4), (1, 2, 3), backend=backend).shape == (0, 32, 6)
 
@@ -148,7 +151,10 @@ def test_geometry_follows_swin_rules():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: fk.window_partition(torch.randn(2, 7, 7), (7, 7)), r"x: expected a \(B, T, H, W, C\).*got shape \(2, 7, 7\)"),
+        (
+            lambda: fk.window_partition(torch.randn(2, 7, 7), (7, 7)),
+            r"x: expected a \(B, T, H, W, C\).*got shape \(2, 7, 7\)",
+        ),
         (lambda: fk.window_partition(torch.randn(1, 7, 7, 4), (7, 7, 7)), r"window_size: expected 2 values"),
         (lambda: fk.window_partition(torch.randn(1, 7, 7, 4), (0, 7)), r"window_size: every value must be positive"),
         (lambda: fk.window_partition(torch.randn(1, 14, 14, 4), 7, 7), r"shift_size: expected 0 <= shift < window"),
@@ -188,6 +194,7 @@ def test_opcheck_custom_ops():
 
 def test_torch_compile_traces_the_op():
     """torch.compile sees one custom op (fake impl for shapes) and its registered backward, without graph breaks."""
+
     def f(x):
         w = fk.window_partition(x * 2, (2, 4, 4), (1, 2, 3), backend="cpp")
         return fk.window_reverse(w + 1, (2, 4, 4), x.shape, (1, 2, 3), backend="cpp")
@@ -201,5 +208,7 @@ def test_torch_compile_traces_the_op():
 
 
 def test_explicit_backend_that_cannot_run_lists_reasons():
-    with pytest.raises(fk.BackendNotSupportedError, match=r"backend 'cuda' cannot run.*\n  - cuda runs on cuda tensors"):
+    with pytest.raises(
+        fk.BackendNotSupportedError, match=r"backend 'cuda' cannot run.*\n  - cuda runs on cuda tensors"
+    ):
         fk.window_partition(torch.randn(1, 7, 7, 4), 7, backend="cuda")
