@@ -23,9 +23,11 @@ def test_extension_is_built_with_cuda_when_a_toolkit_exists():
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
-def test_cmake_builds_the_same_extension(tmp_path):
+@pytest.mark.parametrize("skip_cuda", ["0", "1"], ids=["with-cuda", "cpu-only"])
+def test_cmake_builds_the_same_extension(tmp_path, skip_cuda):
     build = tmp_path / "build"
     env = dict(os.environ)
+    env["FLORENCE_SKIP_CUDA_BUILD"] = skip_cuda
     env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # one architecture keeps this test near one minute
     cfg = subprocess.run(
         ["cmake", "-S", ROOT, "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", f"-DPython3_EXECUTABLE={sys.executable}"],
@@ -60,5 +62,7 @@ def test_cmake_builds_the_same_extension(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    if os.path.isfile("/usr/local/cuda/bin/nvcc") and env.get("FLORENCE_SKIP_CUDA_BUILD") != "1":
+    if skip_cuda == "1":
+        assert run.stdout.split()[0] == "cpu", run.stdout
+    elif os.path.isfile("/usr/local/cuda/bin/nvcc"):
         assert run.stdout.split() == ["cuda", env["TORCH_CUDA_ARCH_LIST"].replace(";", ",")], run.stdout
