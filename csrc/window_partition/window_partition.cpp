@@ -153,6 +153,30 @@ struct ReverseCpu {
   static void run(const WindowPartitionParams& p) { reverse_cpu_impl<T>(p); }
 };
 
+// Fills the pointers of p from src/out and runs the device's implementation; src is named in errors.
+template <bool kPartition>
+void run_gather(const char* name, const at::Tensor& src, const at::Tensor& out, WindowPartitionParams& p) {
+  p.src = src.data_ptr();
+  p.dst = out.data_ptr();
+  p.element_size = src.element_size();
+  p.device_index = src.is_cuda() ? src.get_device() : -1;
+  if (out.numel() == 0) return;
+  if (src.is_cuda()) {
+#ifdef WITH_CUDA
+    kPartition ? window_partition_cuda(p) : window_reverse_cuda(p);
+#else
+    TORCH_CHECK(false, name, ": florence_kernels._C was built without CUDA (FLORENCE_SKIP_CUDA_BUILD or no nvcc)");
+#endif
+  } else {
+    TORCH_CHECK(src.is_cpu(), name, ": expected a CPU or CUDA tensor, got device ", src.device());
+    if constexpr (kPartition) {
+      dispatch_element_size<PartitionCpu>(p);
+    } else {
+      dispatch_element_size<ReverseCpu>(p);
+    }
+  }
+}
+
 at::Tensor window_partition(const at::Tensor& x, at::IntArrayRef window_size, at::IntArrayRef shift_size) {
   TORCH_CHECK(x.dim() == 5, "x: expected a (B, T, H, W, C) tensor, got shape ", sizes_str(x.sizes()));
   check_window_args(window_size, shift_size);
@@ -162,21 +186,7 @@ at::Tensor window_partition(const at::Tensor& x, at::IntArrayRef window_size, at
   const auto& g = p.geometry;
   auto out = at::empty({g.num_rows(), g.tokens_per_window(), g.C}, x.options());
   p.src_strides = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
-  p.src = x.data_ptr();
-  p.dst = out.data_ptr();
-  p.element_size = x.element_size();
-  p.device_index = x.is_cuda() ? x.get_device() : -1;
-  if (out.numel() == 0) return out;
-  if (x.is_cuda()) {
-#ifdef WITH_CUDA
-    window_partition_cuda(p);
-#else
-    TORCH_CHECK(false, "x: florence_kernels._C was built without CUDA (FLORENCE_SKIP_CUDA_BUILD or no nvcc)");
-#endif
-  } else {
-    TORCH_CHECK(x.is_cpu(), "x: expected a CPU or CUDA tensor, got device ", x.device());
-    dispatch_element_size<PartitionCpu>(p);
-  }
+  run_gather<true>("x", x, out, p);
   return out;
 }
 
@@ -196,21 +206,7 @@ at::Tensor window_reverse(const at::Tensor& windows, at::IntArrayRef window_size
               ", window ", sizes_str(window_size), ", got ", sizes_str(windows.sizes()));
   auto out = at::empty({g.B, g.T, g.H, g.W, C}, windows.options());
   p.src_strides = {windows.stride(0), windows.stride(1), windows.stride(2), 0, 0};
-  p.src = windows.data_ptr();
-  p.dst = out.data_ptr();
-  p.element_size = windows.element_size();
-  p.device_index = windows.is_cuda() ? windows.get_device() : -1;
-  if (out.numel() == 0) return out;
-  if (windows.is_cuda()) {
-#ifdef WITH_CUDA
-    window_reverse_cuda(p);
-#else
-    TORCH_CHECK(false, "windows: florence_kernels._C was built without CUDA (FLORENCE_SKIP_CUDA_BUILD or no nvcc)");
-#endif
-  } else {
-    TORCH_CHECK(windows.is_cpu(), "windows: expected a CPU or CUDA tensor, got device ", windows.device());
-    dispatch_element_size<ReverseCpu>(p);
-  }
+  run_gather<false>("windows", windows, out, p);
   return out;
 }
 
