@@ -21,38 +21,46 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1
 
 
 def all_specs() -> list[dict]:
-    from .ops import window_partition
+    from .ops import window_attention, window_partition
 
-    return window_partition.triton_aot_specs()
+    return window_partition.triton_aot_specs() + window_attention.triton_aot_specs()
 
 
-def compile_all(archs: list[int], name_filter: str | None = None) -> list[dict]:
+def _compile_one(job: tuple[int, int]) -> dict:
+    """Compile spec number i for one architecture (runs in a worker process: specs are rebuilt there)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    results = []
-    for spec in all_specs():
-        if name_filter and name_filter not in spec["name"]:
-            continue
-        for arch in archs:
-            row = {"kernel": spec["name"], "arch": f"sm_{arch}", "num_warps": spec["num_warps"]}
-            t0 = time.perf_counter()
-            try:
-                src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
-                compiled = triton.compile(
-                    src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]}
-                )
-                shared = int(compiled.metadata.shared)
-                limit = SHARED_MEMORY_LIMIT.get(arch, 48 * 1024)
-                row.update(ok=shared <= limit, shared_bytes=shared, shared_limit=limit)
-                if shared > limit:
-                    row["error"] = f"shared memory {shared} B > {limit} B usable per block on sm_{arch}"
-            except Exception as e:  # report every failure, not just the first
-                row.update(ok=False, error=f"{type(e).__name__}: {e}".splitlines()[0][:500])
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            results.append(row)
-    return results
+    index, arch = job
+    spec = all_specs()[index]
+    row = {"kernel": spec["name"], "arch": f"sm_{arch}", "num_warps": spec["num_warps"]}
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
+        shared = int(compiled.metadata.shared)
+        limit = SHARED_MEMORY_LIMIT.get(arch, 48 * 1024)
+        row.update(ok=shared <= limit, shared_bytes=shared, shared_limit=limit)
+        if shared > limit:
+            row["error"] = f"shared memory {shared} B > {limit} B usable per block on sm_{arch}"
+    except Exception as e:  # report every failure, not just the first
+        row.update(ok=False, error=f"{type(e).__name__}: {e}".splitlines()[0][:500])
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def compile_all(archs: list[int], name_filter: str | None = None, jobs: int = 1) -> list[dict]:
+    specs = all_specs()
+    work = [
+        (i, arch) for i, spec in enumerate(specs) if not name_filter or name_filter in spec["name"] for arch in archs
+    ]
+    if jobs <= 1:
+        return [_compile_one(w) for w in work]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile_one, work, chunksize=4))
 
 
 def main(argv=None) -> int:
@@ -60,11 +68,12 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--filter", default=None, help="only kernels whose name contains this")
     parser.add_argument("--json", default=None, help="write the report here (atomically)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("triton_aot: unset TRITON_INTERPRET / FLORENCE_TRITON_INTERPRET: interpreted kernels cannot be compiled")
         return 2
-    results = compile_all(args.arch, args.filter)
+    results = compile_all(args.arch, args.filter, args.jobs)
     failed = [r for r in results if not r["ok"]]
     for r in results:
         status = "ok  " if r["ok"] else "FAIL"

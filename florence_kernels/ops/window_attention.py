@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .. import _env
 from .._dispatch import Backend, Op, register_op
 from .window_partition import (
     Geometry,
@@ -38,7 +39,7 @@ except ImportError:  # pragma: no cover
 SHIFT_MASK_VALUE = -100.0  # Swin's additive mask between regions of a shifted window
 
 
-# --- geometry: bias index, shift mask, padding mask ----------------------------------------------------------------
+# --- geometry: bias index, shift mask, padding mask -----------------------------------------------------------------
 
 
 def bias_table_rows(window_size) -> int:
@@ -131,7 +132,7 @@ def window_attention_reference(q, k, v, window_size, shift_size, rel_pos_bias, s
     return out[:, :T, :H, :W].contiguous()
 
 
-# --- torch: portable and fast ----------------------------------------------------------------------------------------
+# --- torch: portable and fast ---------------------------------------------------------------------------------------
 # One fused gather per tensor (window_partition on the auto-chosen backend reads strided q/k/v views in place), the
 # bias gathered once and merged with the shift/padding mask into one (nW, nh, N, N) additive term broadcast over the
 # batch, one scatter back. On CPU eager matmul + softmax beat SDPA at these window sizes (N = 49, hd = 32: 45 ms vs
@@ -180,7 +181,7 @@ def window_attention_torch(q, k, v, window_size, shift_size, rel_pos_bias, scale
     return window_reverse(out, g.window, (B, T, H, W, nh * hd), g.shift).view(B, T, H, W, nh, hd)
 
 
-# --- triton: fused forward and backward -------------------------------------------------------------------------------
+# --- triton: fused forward and backward -----------------------------------------------------------------------------
 # One program = one (window, head, block of queries) [forward, dq] or (window, head, block of keys) [dk, dv]. Tokens are
 # addressed in the (B, T, H, W, nh, hd) grids directly: shift, partition and padding are coordinates computed in the
 # kernel, the bias index and shift region come from the same coordinates, and nothing of size window^2 is written;
@@ -202,6 +203,17 @@ if HAS_TRITON:
         return a, p, q, ts, hs, ws, (ts + st) % Tp, (hs + sh) % Hp, (ws + sw) % Wp
 
     @triton.jit
+    def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """tl.dot with fp32 accumulation; IEEE for fp32 inputs (no TF32). UPCAST only under Triton's interpreter,
+        whose tl.dot reads bf16 operands wrongly (3.8): the operands go to fp32 there, every other step unchanged."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
     def _region(j, P, w, s):
         """Video Swin's shift region of shifted position j on one axis: 0, 1, 2; always 0 when s == 0."""
         return ((j >= P - w).to(tl.int32) + (j >= P - s).to(tl.int32)) * (s > 0).to(tl.int32)
@@ -212,13 +224,10 @@ if HAS_TRITON:
         qa, qp, qq, qts, qhs, qws, ka, kp, kq, kts, khs, kws,
         BIAS, stride_bias_r, stride_bias_h, head, has_bias,
         Wh_nom, Ww_nom, Wt_nom, Tp, Hp, Wp, wt, wh, ww, st, sh, sw, scale, N,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         """scale * q k^T + bias[index] + shift mask, -inf on keys in padding or past the window."""
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
+        s = _mma(q, tl.trans(k), IEEE, UPCAST) * scale
         in_window = (offs_m < N)[:, None] & (offs_n < N)[None, :]
         if has_bias:
             rel = (
@@ -235,11 +244,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _wattn_fwd_kernel(
-        Q, K, V, O, LSE, BIAS,
+        Q, K, V, Out, LSE, BIAS,
         sqb, sqt, sqh, sqw, sqn, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn,
         sob, sot, soh, sow, son, slb, slt, slh, slw, sln, stride_bias_r, stride_bias_h,
         NH, T, H, W, nT, nH, nW, wt, wh, ww, st, sh, sw, Wt_nom, Wh_nom, Ww_nom, has_bias, scale, N, HEAD_DIM,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_wh = tl.program_id(1)
@@ -274,7 +284,7 @@ if HAS_TRITON:
             s = _scores(
                 q, k, offs_m, offs_n, m_valid, n_valid, qa, qp, qq, qts, qhs, qws, ka, kp, kq, kts, khs, kws,
                 BIAS, stride_bias_r, stride_bias_h, head, has_bias, Wh_nom, Ww_nom, Wt_nom, Tp, Hp, Wp,
-                wt, wh, ww, st, sh, sw, scale, N, IEEE,
+                wt, wh, ww, st, sh, sw, scale, N, IEEE, UPCAST,
             )  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows past the window see only -inf; keep their arithmetic finite (they are never stored).
@@ -282,14 +292,13 @@ if HAS_TRITON:
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, IEEE, UPCAST)
             m_i = m_new
         out = acc / l_i[:, None]
-        o_ptrs = O + b * sob + qt[:, None] * sot + qh[:, None] * soh + qw[:, None] * sow + head * son + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
+        o_ptrs = (
+            Out + b * sob + qt[:, None] * sot + qh[:, None] * soh + qw[:, None] * sow + head * son + offs_d[None, :]
+        )
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
         lse_ptrs = LSE + b * slb + qt * slt + qh * slh + qw * slw + head * sln
         tl.store(lse_ptrs, m_i + tl.log(l_i), mask=m_valid)
 
@@ -301,7 +310,7 @@ if HAS_TRITON:
         NH, T, H, W, nT, nH, nW, wt, wh, ww, st, sh, sw, Wt_nom, Wh_nom, Ww_nom, has_bias, scale, N, HEAD_DIM,
         n_groups,
         KV_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         """KV_PASS: program = (window, head, key block): dK, dV over all query blocks. Else program = (window, head,
         query block): dQ over all key blocks, and dS summed into DBIAS[window % n_groups, head]. DO, DQ, DK, DV,
@@ -347,19 +356,13 @@ if HAS_TRITON:
                 s = _scores(
                     q, k, offs_m, offs_n, m_valid, n_valid, qa, qp, qq, qts, qhs, qws, ka, kp, kq, kts, khs, kws,
                     BIAS, stride_bias_r, stride_bias_h, head, has_bias, Wh_nom, Ww_nom, Wt_nom, Tp, Hp, Wp,
-                    wt, wh, ww, st, sh, sw, scale, N, IEEE,
+                    wt, wh, ww, st, sh, sw, scale, N, IEEE, UPCAST,
                 )  # fmt: skip
                 p = tl.where(m_valid[:, None], tl.exp(s - lse[:, None]), 0.0)
-                if IEEE:
-                    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                    ds = p * (dp - delta[:, None])
-                    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
-                else:
-                    dv += tl.dot(tl.trans(p).to(do.dtype), do)
-                    dp = tl.dot(do, tl.trans(v))
-                    ds = p * (dp - delta[:, None])
-                    dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+                dv += _mma(tl.trans(p).to(do.dtype), do, IEEE, UPCAST)
+                dp = _mma(do, tl.trans(v), IEEE, UPCAST)
+                ds = p * (dp - delta[:, None])
+                dk += _mma(tl.trans(ds).to(q.dtype), q, IEEE, UPCAST)
             gk_off = b * sgb + kt[:, None] * sgt + kh[:, None] * sgh + kw[:, None] * sgw + head * sgn
             tl.store(DK + gk_off + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
             tl.store(DV + gk_off + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -393,38 +396,36 @@ if HAS_TRITON:
                 s = _scores(
                     q, k, offs_m, offs_n, m_valid, n_valid, qa, qp, qq, qts, qhs, qws, ka, kp, kq, kts, khs, kws,
                     BIAS, stride_bias_r, stride_bias_h, head, has_bias, Wh_nom, Ww_nom, Wt_nom, Tp, Hp, Wp,
-                    wt, wh, ww, st, sh, sw, scale, N, IEEE,
+                    wt, wh, ww, st, sh, sw, scale, N, IEEE, UPCAST,
                 )  # fmt: skip
                 p = tl.where(m_valid[:, None], tl.exp(s - lse[:, None]), 0.0)
-                if IEEE:
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                    ds = p * (dp - delta[:, None])
-                    dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-                else:
-                    dp = tl.dot(do, tl.trans(v))
-                    ds = p * (dp - delta[:, None])
-                    dq += tl.dot(ds.to(k.dtype), k)
+                dp = _mma(do, tl.trans(v), IEEE, UPCAST)
+                ds = p * (dp - delta[:, None])
+                dq += _mma(ds.to(k.dtype), k, IEEE, UPCAST)
                 if has_bias:
                     db_ptrs = DBIAS + ((group * NH + head) * N + offs_m[:, None]) * N + offs_n[None, :]
                     tl.atomic_add(db_ptrs, ds, mask=(offs_m < N)[:, None] & (offs_n < N)[None, :])
             tl.store(DQ + g_off + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-TRITON_BLOCKS = (16, 32, 64)
+TRITON_BLOCKS = (32, 64)
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_NUM_WARPS = 4
 DBIAS_BUFFER_BYTES = 16 * 2**20  # per-group dS buffers for the bias gradient: at most this much, at most 64 groups
 
 
+def _triton_block(N: int, block_d: int, dtype: torch.dtype) -> int:
+    # fp32 at head_dim 128 with 64-token blocks needs 176-210 KB of shared memory: over sm_80's 163 KB (AOT check).
+    if N <= 32 or (dtype == torch.float32 and block_d >= 128):
+        return 32
+    return 64
+
+
 def triton_attention_config(N: int, head_dim: int, dtype: torch.dtype) -> dict:
-    block = next((b for b in TRITON_BLOCKS if b >= N), TRITON_BLOCKS[-1])
-    return {
-        "BLOCK_M": block,
-        "BLOCK_N": block,
-        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
-        "IEEE": dtype == torch.float32,
-        "num_warps": TRITON_NUM_WARPS,
-    }
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block = _triton_block(N, block_d, dtype)
+    return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "IEEE": dtype == torch.float32,
+            "UPCAST": _env.TRITON_INTERPRET and dtype == torch.bfloat16, "num_warps": TRITON_NUM_WARPS}  # fmt: skip
 
 
 def _grid_args(g: Geometry, thw, nominal, nh, has_bias, scale, head_dim):
@@ -451,7 +452,7 @@ def window_attention_triton_fwd(q, k, v, window_size, shift_size, rel_pos_bias, 
         bias.stride(0), bias.stride(1),
         *_grid_args(g, (T, H, W), window_size, nh, rel_pos_bias is not None, scale, hd),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], IEEE=cfg["IEEE"],
-        num_warps=cfg["num_warps"],
+        UPCAST=cfg["UPCAST"], num_warps=cfg["num_warps"],
     )  # fmt: skip
     return o, lse
 
@@ -479,7 +480,7 @@ def window_attention_triton_bwd(do, q, k, v, o, lse, window_size, shift_size, re
         _wattn_bwd_kernel[grid](
             q, k, v, do, lse, delta, bias, dq, dk, dv, dbias_groups, *common,
             KV_PASS=kv_pass, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-            IEEE=cfg["IEEE"], num_warps=cfg["num_warps"],
+            IEEE=cfg["IEEE"], UPCAST=cfg["UPCAST"], num_warps=cfg["num_warps"],
         )  # fmt: skip
     dbias = None
     if has_bias:
@@ -490,7 +491,7 @@ def window_attention_triton_bwd(do, q, k, v, o, lse, window_size, shift_size, re
     return dq, dk, dv, dbias
 
 
-# --- custom op with autograd (triton) ---------------------------------------------------------------------------------
+# --- custom op with autograd (triton) -------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("florence_kernels::window_attention_triton_fwd", mutates_args=())
@@ -542,7 +543,7 @@ def _wattn_backward(ctx, do, dlse):
 _wattn_triton_fwd_op.register_autograd(_wattn_backward, setup_context=_wattn_setup_context)
 
 
-# --- registry ---------------------------------------------------------------------------------------------------------
+# --- registry -------------------------------------------------------------------------------------------------------
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -562,15 +563,15 @@ WINDOW_ATTENTION = register_op(
     Op(
         "window_attention",
         {
-            "reference": Backend("reference", ("cpu", "cuda"), _FLOATS),
-            "torch": Backend("torch", ("cpu", "cuda"), _FLOATS),
+            "reference": Backend("reference", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
+            "torch": Backend("torch", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
             "triton": Backend("triton", ("cuda",), _FLOATS, (8, 0), impl_reasons=_triton_limits),
         },
     )
 )
 
 
-# --- public function --------------------------------------------------------------------------------------------------
+# --- public function ------------------------------------------------------------------------------------------------
 
 
 def window_attention(
@@ -638,17 +639,22 @@ def window_attention(
     return out.squeeze(1) if nsp == 2 else out
 
 
-# --- ahead-of-time compile specs ---------------------------------------------------------------------------------------
+# --- ahead-of-time compile specs ------------------------------------------------------------------------------------
+
+
+_POINTER_ARGS = {"Q", "K", "V", "Out", "LSE", "BIAS", "DO", "DQ", "DK", "DV", "DELTA", "DBIAS"}
 
 
 def triton_aot_specs() -> list[dict]:
     if not HAS_TRITON:
         return []
     specs = []
+    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for dtype in ("fp32", "fp16", "bf16"):
-        for block in TRITON_BLOCKS:
-            for hd in TRITON_HEAD_DIMS:
-                cfg = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": hd, "IEEE": dtype == "fp32"}
+        for hd in TRITON_HEAD_DIMS:
+            # exactly the blocks the launcher can pick for this dtype and head dim (one small N, one large)
+            for block in sorted({_triton_block(n, hd, torch_dtypes[dtype]) for n in (16, 1024)}):
+                cfg = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": hd, "IEEE": dtype == "fp32", "UPCAST": False}
                 for kernel, extra in ((_wattn_fwd_kernel, {}), (_wattn_bwd_kernel, {"KV_PASS": True}),
                                       (_wattn_bwd_kernel, {"KV_PASS": False})):  # fmt: skip
                     constexprs = {**extra, **cfg}
@@ -656,7 +662,7 @@ def triton_aot_specs() -> list[dict]:
                     for name in kernel.arg_names:
                         if name in constexprs:
                             signature[name] = "constexpr"
-                        elif name.isupper() and name not in ("T", "H", "W", "N", "NH", "HEAD_DIM"):
+                        elif name in _POINTER_ARGS:
                             ptr_dtype = "fp32" if name in ("LSE", "DELTA", "DBIAS") else dtype
                             signature[name] = f"*{ptr_dtype}"
                         elif name == "scale":
