@@ -159,7 +159,7 @@ def attention_core_torch(qw, kw, vw, attn_bias, scale, dropout_p=0.0):
         return F.scaled_dot_product_attention(qw, kw, vw, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
     attn = torch.matmul(qw, kw.transpose(-2, -1)).mul_(scale)
     if attn_bias is not None:
-        attn = attn + attn_bias
+        attn.add_(attn_bias)  # in place: matmul's backward needs its inputs, not this output
     attn = attn.softmax(dim=-1)
     if dropout_p > 0:
         attn = F.dropout(attn, p=dropout_p)
