@@ -27,9 +27,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(report.read_text())
-    from florence_kernels.ops.window_partition import triton_aot_specs
+    from florence_kernels.triton_aot import all_specs
 
-    assert len(rows) == 2 * len(triton_aot_specs()) > 0
+    specs = all_specs()
+    assert len(rows) == 2 * len(specs) > 0
+    # both ops' kernels, forward and backward for attention
+    names = {r["kernel"].split("[")[0] for r in rows}
+    assert {"window_gather", "_wattn_fwd_kernel", "_wattn_bwd_kernel"} <= names, names
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert all(r["ok"] and r["shared_bytes"] <= r["shared_limit"] for r in rows)
 
