@@ -203,6 +203,29 @@ if HAS_TRITON:
         return a, p, q, ts, hs, ws, (ts + st) % Tp, (hs + sh) % Hp, (ws + sw) % Wp
 
     @triton.jit
+    def _tokens(offs, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp, T, H, W, N):
+        """_token_coords plus whether each token is real (inside the window count and not in padding)."""
+        a, p, q, ts, hs, ws, t, h, w = _token_coords(offs, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp)
+        return a, p, q, ts, hs, ws, t, h, w, (offs < N) & (t < T) & (h < H) & (w < W)
+
+    @triton.jit
+    def _grid_offsets(b, t, h, w, head, stride_b, stride_t, stride_h, stride_w, stride_head):
+        """Element offsets of tokens (t, h, w) of sample b, head `head`, in a (B, T, H, W, heads, hd) grid."""
+        return b * stride_b + t[:, None] * stride_t + h[:, None] * stride_h + w[:, None] * stride_w + head * stride_head
+
+    @triton.jit
+    def _load_pair(X, Y, b, t, h, w, head, valid, offs_d, d_mask, sxb, sxt, sxh, sxw, sxn, syb, syt, syh, syw, syn):
+        """Rows of two grids (K and V, or Q and dO) for tokens (t, h, w); zeros where not valid."""
+        mask = valid[:, None] & d_mask[None, :]
+        x = tl.load(
+            X + _grid_offsets(b, t, h, w, head, sxb, sxt, sxh, sxw, sxn) + offs_d[None, :], mask=mask, other=0.0
+        )
+        y = tl.load(
+            Y + _grid_offsets(b, t, h, w, head, syb, syt, syh, syw, syn) + offs_d[None, :], mask=mask, other=0.0
+        )
+        return x, y, mask
+
+    @triton.jit
     def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """tl.dot with fp32 accumulation; IEEE for fp32 inputs (no TF32). UPCAST only under Triton's interpreter,
         whose tl.dot reads bf16 operands wrongly (3.8): the operands go to fp32 there, every other step unchanged."""
@@ -262,9 +285,10 @@ if HAS_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
-        qa, qp, qq, qts, qhs, qws, qt, qh, qw = _token_coords(offs_m, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp)
-        m_valid = (offs_m < N) & (qt < T) & (qh < H) & (qw < W)
-        q_ptrs = Q + b * sqb + qt[:, None] * sqt + qh[:, None] * sqh + qw[:, None] * sqw + head * sqn + offs_d[None, :]
+        qa, qp, qq, qts, qhs, qws, qt, qh, qw, m_valid = _tokens(
+            offs_m, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp, T, H, W, N
+        )
+        q_ptrs = Q + _grid_offsets(b, qt, qh, qw, head, sqb, sqt, sqh, sqw, sqn) + offs_d[None, :]
         q = tl.load(q_ptrs, mask=m_valid[:, None] & d_mask[None, :], other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -272,15 +296,12 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            ka, kp, kq, kts, khs, kws, kt, kh, kw = _token_coords(
-                offs_n, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp
+            ka, kp, kq, kts, khs, kws, kt, kh, kw, n_valid = _tokens(
+                offs_n, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp, T, H, W, N
             )
-            n_valid = (offs_n < N) & (kt < T) & (kh < H) & (kw < W)
-            kv_mask = n_valid[:, None] & d_mask[None, :]
-            base_k = b * skb + kt[:, None] * skt + kh[:, None] * skh + kw[:, None] * skw + head * skn
-            base_v = b * svb + kt[:, None] * svt + kh[:, None] * svh + kw[:, None] * svw + head * svn
-            k = tl.load(K + base_k + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + base_v + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v, kv_mask = _load_pair(
+                K, V, b, kt, kh, kw, head, n_valid, offs_d, d_mask, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn
+            )
             s = _scores(
                 q, k, offs_m, offs_n, m_valid, n_valid, qa, qp, qq, qts, qhs, qws, ka, kp, kq, kts, khs, kws,
                 BIAS, stride_bias_r, stride_bias_h, head, has_bias, Wh_nom, Ww_nom, Wt_nom, Tp, Hp, Wp,
@@ -295,9 +316,7 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, IEEE, UPCAST)
             m_i = m_new
         out = acc / l_i[:, None]
-        o_ptrs = (
-            Out + b * sob + qt[:, None] * sot + qh[:, None] * soh + qw[:, None] * sow + head * son + offs_d[None, :]
-        )
+        o_ptrs = Out + _grid_offsets(b, qt, qh, qw, head, sob, sot, soh, sow, son) + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
         lse_ptrs = LSE + b * slb + qt * slt + qh * slh + qw * slw + head * sln
         tl.store(lse_ptrs, m_i + tl.log(l_i), mask=m_valid)
@@ -328,29 +347,24 @@ if HAS_TRITON:
         # The fixed block (queries for the dQ pass, keys for the dK/dV pass) and the loop over the other.
         if KV_PASS:
             offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            ka, kp, kq, kts, khs, kws, kt, kh, kw = _token_coords(
-                offs_n, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp
+            ka, kp, kq, kts, khs, kws, kt, kh, kw, n_valid = _tokens(
+                offs_n, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp, T, H, W, N
             )
-            n_valid = (offs_n < N) & (kt < T) & (kh < H) & (kw < W)
-            kv_mask = n_valid[:, None] & d_mask[None, :]
-            base_k = b * skb + kt[:, None] * skt + kh[:, None] * skh + kw[:, None] * skw + head * skn
-            base_v = b * svb + kt[:, None] * svt + kh[:, None] * svh + kw[:, None] * svw + head * svn
-            k = tl.load(K + base_k + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + base_v + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v, kv_mask = _load_pair(
+                K, V, b, kt, kh, kw, head, n_valid, offs_d, d_mask, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn
+            )
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             for start_m in range(0, N, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
-                qa, qp, qq, qts, qhs, qws, qt, qh, qw = _token_coords(
-                    offs_m, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp
+                qa, qp, qq, qts, qhs, qws, qt, qh, qw, m_valid = _tokens(
+                    offs_m, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp, T, H, W, N
                 )
-                m_valid = (offs_m < N) & (qt < T) & (qh < H) & (qw < W)
-                q_mask = m_valid[:, None] & d_mask[None, :]
-                q_off = b * sqb + qt[:, None] * sqt + qh[:, None] * sqh + qw[:, None] * sqw + head * sqn
-                g_off = b * sgb + qt[:, None] * sgt + qh[:, None] * sgh + qw[:, None] * sgw + head * sgn
+                q, do, q_mask = _load_pair(
+                    Q, DO, b, qt, qh, qw, head, m_valid, offs_d, d_mask,
+                    sqb, sqt, sqh, sqw, sqn, sgb, sgt, sgh, sgw, sgn,
+                )  # fmt: skip
                 l_off = b * slb + qt * slt + qh * slh + qw * slw + head * sln
-                q = tl.load(Q + q_off + offs_d[None, :], mask=q_mask, other=0.0)
-                do = tl.load(DO + g_off + offs_d[None, :], mask=q_mask, other=0.0)
                 lse = tl.load(LSE + l_off, mask=m_valid, other=0.0)
                 delta = tl.load(DELTA + l_off, mask=m_valid, other=0.0)
                 s = _scores(
@@ -363,36 +377,30 @@ if HAS_TRITON:
                 dp = _mma(do, tl.trans(v), IEEE, UPCAST)
                 ds = p * (dp - delta[:, None])
                 dk += _mma(tl.trans(ds).to(q.dtype), q, IEEE, UPCAST)
-            gk_off = b * sgb + kt[:, None] * sgt + kh[:, None] * sgh + kw[:, None] * sgw + head * sgn
+            gk_off = _grid_offsets(b, kt, kh, kw, head, sgb, sgt, sgh, sgw, sgn)
             tl.store(DK + gk_off + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
             tl.store(DV + gk_off + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
         else:
             offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-            qa, qp, qq, qts, qhs, qws, qt, qh, qw = _token_coords(
-                offs_m, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp
+            qa, qp, qq, qts, qhs, qws, qt, qh, qw, m_valid = _tokens(
+                offs_m, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp, T, H, W, N
             )
-            m_valid = (offs_m < N) & (qt < T) & (qh < H) & (qw < W)
-            q_mask = m_valid[:, None] & d_mask[None, :]
-            q_off = b * sqb + qt[:, None] * sqt + qh[:, None] * sqh + qw[:, None] * sqw + head * sqn
-            g_off = b * sgb + qt[:, None] * sgt + qh[:, None] * sgh + qw[:, None] * sgw + head * sgn
+            q, do, q_mask = _load_pair(
+                Q, DO, b, qt, qh, qw, head, m_valid, offs_d, d_mask, sqb, sqt, sqh, sqw, sqn, sgb, sgt, sgh, sgw, sgn
+            )
             l_off = b * slb + qt * slt + qh * slh + qw * slw + head * sln
-            q = tl.load(Q + q_off + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + g_off + offs_d[None, :], mask=q_mask, other=0.0)
             lse = tl.load(LSE + l_off, mask=m_valid, other=0.0)
             delta = tl.load(DELTA + l_off, mask=m_valid, other=0.0)
             dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             group = (win_all % n_groups).to(tl.int64)
             for start_n in range(0, N, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
-                ka, kp, kq, kts, khs, kws, kt, kh, kw = _token_coords(
-                    offs_n, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp
+                ka, kp, kq, kts, khs, kws, kt, kh, kw, n_valid = _tokens(
+                    offs_n, win, nH, nW, wt, wh, ww, st, sh, sw, Tp, Hp, Wp, T, H, W, N
                 )
-                n_valid = (offs_n < N) & (kt < T) & (kh < H) & (kw < W)
-                kv_mask = n_valid[:, None] & d_mask[None, :]
-                base_k = b * skb + kt[:, None] * skt + kh[:, None] * skh + kw[:, None] * skw + head * skn
-                base_v = b * svb + kt[:, None] * svt + kh[:, None] * svh + kw[:, None] * svw + head * svn
-                k = tl.load(K + base_k + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(V + base_v + offs_d[None, :], mask=kv_mask, other=0.0)
+                k, v, kv_mask = _load_pair(
+                    K, V, b, kt, kh, kw, head, n_valid, offs_d, d_mask, skb, skt, skh, skw, skn, svb, svt, svh, svw, svn
+                )
                 s = _scores(
                     q, k, offs_m, offs_n, m_valid, n_valid, qa, qp, qq, qts, qhs, qws, ka, kp, kq, kts, khs, kws,
                     BIAS, stride_bias_r, stride_bias_h, head, has_bias, Wh_nom, Ww_nom, Wt_nom, Tp, Hp, Wp,
@@ -405,7 +413,8 @@ if HAS_TRITON:
                 if has_bias:
                     db_ptrs = DBIAS + ((group * NH + head) * N + offs_m[:, None]) * N + offs_n[None, :]
                     tl.atomic_add(db_ptrs, ds, mask=(offs_m < N)[:, None] & (offs_n < N)[None, :])
-            tl.store(DQ + g_off + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+            dq_off = _grid_offsets(b, qt, qh, qw, head, sgb, sgt, sgh, sgw, sgn) + offs_d[None, :]
+            tl.store(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 TRITON_BLOCKS = (32, 64)
