@@ -48,3 +48,9 @@ def test_info_cli_runs():
                               timeout=120)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         assert "window_partition" in proc.stdout
+
+
+def test_readme_usage_example_runs():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
