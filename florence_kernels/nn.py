@@ -24,8 +24,9 @@ PAD_MODES = ("mask", "zeros")
 
 
 def _triple(name, value, time_value):
-    value = _as_triple(name, value, 3 if not isinstance(value, int) and len(value) == 3 else 2, time_value)
-    return value
+    """(Wh, Ww) or an int -> (time_value, Wh, Ww); (Wt, Wh, Ww) as is."""
+    spatial = 3 if not isinstance(value, int) and len(value) == 3 else 2
+    return _as_triple(name, value, spatial, time_value)
 
 
 class DropPath(nn.Module):
