@@ -94,7 +94,8 @@ def extension_modules():
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
     # at::parallel_for is header code: without -fopenmp in our own compile it silently runs on one thread.
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -fno-math-errno -fno-trapping-math (as torch itself): lets GCC vectorise the CPU softmax loops.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     link_flags = ["-fopenmp"]
     if cuda_home:
         arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)

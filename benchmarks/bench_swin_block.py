@@ -42,7 +42,7 @@ def _blocks(shape, nh, window, shift, device, dtype):
     B, H, W, C = shape
     timm_block = SwinTransformerBlock(C, (H, W), nh, window_size=window, shift_size=shift).to(device, dtype)
     ours = {}
-    for backend in ("reference", "torch", "triton"):
+    for backend in ("reference", "torch", "cpp", "triton"):
         blk = SwinBlock3D(C, nh, (window, window), (shift, shift), backend=backend).to(device, dtype)
         blk.load_state_dict(timm_block.state_dict())
         ours[backend] = blk
@@ -71,7 +71,7 @@ def providers(device: str) -> list[Provider]:
             return "timm is not installed"
         return None
 
-    return [ours("reference"), Provider("timm", timm_fn, timm_unavailable), ours("torch"), ours("triton")]
+    return [ours("reference"), Provider("timm", timm_fn, timm_unavailable), ours("torch"), ours("cpp"), ours("triton")]
 
 
 if __name__ == "__main__":

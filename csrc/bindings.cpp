@@ -16,6 +16,14 @@
 TORCH_LIBRARY(florence_kernels_C, m) {
   m.def("window_partition(Tensor x, int[] window_size, int[] shift_size) -> Tensor");
   m.def("window_reverse(Tensor windows, int[] window_size, int[] shift_size, int[] shape) -> Tensor");
+  // window_size / shift_size: the effective (resolved) window and shift; nominal_window: what the bias table is for.
+  m.def(
+      "window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? rel_pos_bias, int[] window_size, int[] shift_size, "
+      "int[] nominal_window, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? rel_pos_bias, "
+      "int[] window_size, int[] shift_size, int[] nominal_window, float scale, Tensor(a!) dq, Tensor(b!) dk, "
+      "Tensor(c!) dv) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -542,14 +542,126 @@ def _wattn_setup_context(ctx, inputs, output):
     ctx.args = (window_size, shift_size, scale)
 
 
-def _wattn_backward(ctx, do, dlse):
-    q, k, v, o, lse, bias = ctx.saved_tensors
-    window_size, shift_size, scale = ctx.args
-    dq, dk, dv, dbias = _wattn_triton_bwd_op(do, q, k, v, o, lse, bias, window_size, shift_size, scale)
-    return dq, dk, dv, (dbias if bias is not None else None), None, None, None
+def _wattn_backward_with(bwd_op):
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, bias = ctx.saved_tensors
+        window_size, shift_size, scale = ctx.args
+        dq, dk, dv, dbias = bwd_op(do, q, k, v, o, lse, bias, window_size, shift_size, scale)
+        return dq, dk, dv, (dbias if bias is not None else None), None, None, None
+
+    return backward
 
 
-_wattn_triton_fwd_op.register_autograd(_wattn_backward, setup_context=_wattn_setup_context)
+_wattn_triton_fwd_op.register_autograd(_wattn_backward_with(_wattn_triton_bwd_op), setup_context=_wattn_setup_context)
+
+
+# --- cpp: fused CPU kernel (csrc/window_attention/window_attention_cpu.cpp) -----------------------------------------
+# One task per window: its valid tokens are gathered from the strided grids into fp32 scratch (padding is dropped,
+# not masked), and scores, bias, shift mask, softmax and both products run there per head with a register-tiled
+# micro-kernel; results are scattered straight back to the grid. The backward recomputes the scores from the saved
+# log-sum-exp. Nothing of size window^2 and no partition copy reaches memory: on CPUs where a fresh 10 MB tensor
+# costs ~3 ms of page faults, the outputs are the only allocations.
+
+
+def window_attention_cpp_fwd(q, k, v, window_size, shift_size, rel_pos_bias, scale):
+    g = resolve_geometry(q.shape[1:4], window_size, shift_size)
+    return torch.ops.florence_kernels_C.window_attention_fwd(
+        q, k, v, rel_pos_bias, list(g.window), list(g.shift), list(window_size), scale
+    )
+
+
+def window_attention_cpp_bwd(do, q, k, v, o, lse, window_size, shift_size, rel_pos_bias, scale, dq, dk, dv):
+    """Writes dq, dk, dv (any strides: views of one packed buffer are fine); returns the table's gradient."""
+    g = resolve_geometry(q.shape[1:4], window_size, shift_size)
+    return torch.ops.florence_kernels_C.window_attention_bwd(
+        do, q, k, v, o, lse, rel_pos_bias, list(g.window), list(g.shift), list(window_size), scale, dq, dk, dv
+    )
+
+
+def _cpp_lse_shape(shape, window_size, shift_size):
+    B, T, H, W, nh, _ = shape
+    g = resolve_geometry((T, H, W), window_size, shift_size)
+    return (B * g.num_windows, nh, g.tokens_per_window)
+
+
+@torch.library.custom_op("florence_kernels::window_attention_cpp_fwd", mutates_args=())
+def _wattn_cpp_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, window_size: list[int],
+    shift_size: list[int], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return window_attention_cpp_fwd(q, k, v, window_size, shift_size, bias, scale)
+
+
+@_wattn_cpp_fwd_op.register_fake
+def _(q, k, v, bias, window_size, shift_size, scale):
+    return q.new_empty(q.shape), q.new_empty(_cpp_lse_shape(q.shape, window_size, shift_size), dtype=torch.float32)
+
+
+@torch.library.custom_op("florence_kernels::window_attention_cpp_bwd", mutates_args=())
+def _wattn_cpp_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    bias: torch.Tensor | None, window_size: list[int], shift_size: list[int], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype) for _ in range(3))
+    dbias = window_attention_cpp_bwd(do, q, k, v, o, lse, window_size, shift_size, bias, scale, dq, dk, dv)
+    return dq, dk, dv, dbias
+
+
+@_wattn_cpp_bwd_op.register_fake
+def _(do, q, k, v, o, lse, bias, window_size, shift_size, scale):
+    dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty(0)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+
+
+_wattn_cpp_fwd_op.register_autograd(_wattn_backward_with(_wattn_cpp_bwd_op), setup_context=_wattn_setup_context)
+
+
+# Packed variant for modules: q, k, v are the (B, T, H, W, 3, heads, head_dim) output of one qkv projection, and the
+# backward writes their gradients into one buffer of that layout (unbind's backward would stack three copies).
+
+
+@torch.library.custom_op("florence_kernels::window_attention_cpp_packed_fwd", mutates_args=())
+def _wattn_cpp_packed_fwd_op(
+    qkv: torch.Tensor, bias: torch.Tensor | None, window_size: list[int], shift_size: list[int], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return window_attention_cpp_fwd(*qkv.unbind(4), window_size, shift_size, bias, scale)
+
+
+@_wattn_cpp_packed_fwd_op.register_fake
+def _(qkv, bias, window_size, shift_size, scale):
+    shape = qkv.shape[:4] + qkv.shape[5:]
+    return qkv.new_empty(shape), qkv.new_empty(_cpp_lse_shape(shape, window_size, shift_size), dtype=torch.float32)
+
+
+@torch.library.custom_op("florence_kernels::window_attention_cpp_packed_bwd", mutates_args=())
+def _wattn_cpp_packed_bwd_op(
+    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor | None,
+    window_size: list[int], shift_size: list[int], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype)
+    dbias = window_attention_cpp_bwd(do, *qkv.unbind(4), o, lse, window_size, shift_size, bias, scale, *dqkv.unbind(4))
+    return dqkv, dbias
+
+
+@_wattn_cpp_packed_bwd_op.register_fake
+def _(do, qkv, o, lse, bias, window_size, shift_size, scale):
+    return qkv.new_empty(qkv.shape), (bias.new_empty(bias.shape) if bias is not None else qkv.new_empty(0))
+
+
+def _wattn_packed_setup_context(ctx, inputs, output):
+    qkv, bias, window_size, shift_size, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse, bias)
+    ctx.args = (window_size, shift_size, scale)
+
+
+def _wattn_packed_backward(ctx, do, dlse):
+    qkv, o, lse, bias = ctx.saved_tensors
+    dqkv, dbias = _wattn_cpp_packed_bwd_op(do, qkv, o, lse, bias, *ctx.args)
+    return dqkv, (dbias if bias is not None else None), None, None, None
+
+
+_wattn_cpp_packed_fwd_op.register_autograd(_wattn_packed_backward, setup_context=_wattn_packed_setup_context)
 
 
 # --- registry -------------------------------------------------------------------------------------------------------
@@ -568,12 +680,17 @@ def _triton_limits(q, k, v, *, dropout_p=0.0, **_) -> list[str]:
     return reasons
 
 
+def _cpp_limits(q, k, v, *, dropout_p=0.0, **_) -> list[str]:
+    return ["attention dropout is not fused (dropout_p > 0)"] if dropout_p > 0 else []
+
+
 WINDOW_ATTENTION = register_op(
     Op(
         "window_attention",
         {
             "reference": Backend("reference", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
             "torch": Backend("torch", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
+            "cpp": Backend("cpp", ("cpu",), _FLOATS, impl_reasons=_cpp_limits),
             "triton": Backend("triton", ("cuda",), _FLOATS, (8, 0), impl_reasons=_triton_limits),
         },
     )
@@ -597,7 +714,7 @@ def window_attention(
         rel_pos_bias: ((2Wt-1)(2Wh-1)(2Ww-1), num_heads) table for the nominal window_size, or None.
         scale: default head_dim ** -0.5.
         dropout_p: attention dropout (reference and torch backends only).
-        backend: None (automatic), "reference", "torch" or "triton".
+        backend: None (automatic), "reference", "torch", "cpp" (CPU) or "triton" (CUDA).
 
     Returns:
         (B, T, H, W, num_heads, head_dim) (or the 5-D layout of the input); gradients for q, k, v and the table.
@@ -643,6 +760,8 @@ def window_attention(
         out = window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale, dropout_p)
     elif name == "torch":
         out = window_attention_torch(q, k, v, window, shift, rel_pos_bias, scale, dropout_p)
+    elif name == "cpp":
+        out = _wattn_cpp_fwd_op(q, k, v, rel_pos_bias, list(window), list(shift), scale)[0]
     else:
         out = _wattn_triton_fwd_op(q, k, v, rel_pos_bias, list(window), list(shift), scale)[0]
     return out.squeeze(1) if nsp == 2 else out
