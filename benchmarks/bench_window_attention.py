@@ -78,11 +78,54 @@ def _compiled_reference(window, shift):
     return torch.compile(ref, dynamic=False)
 
 
+@functools.cache
+def _timm_block(H, W, nh, hd, window, shift, device, dtype):
+    """timm's SwinTransformerBlock with identity qkv/proj: its attention core (SDPA or matmul path, its bias and
+    shift mask) on already-projected q, k, v."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    blk = SwinTransformerBlock(nh * hd, (H, W), nh, window_size=window[1:], shift_size=shift[1:])
+    blk.attn.qkv = torch.nn.Identity()
+    blk.attn.proj = torch.nn.Identity()
+    return blk.to(device, dtype)
+
+
+def _timm_attention(q, k, v, table, window, shift, qkv):
+    """timm's 2-D code path around its WindowAttention: roll, window_partition, attention, window_reverse, roll."""
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    B, T, H, W, _, nh, hd = qkv.shape
+    blk = _timm_block(H, W, nh, hd, window, shift, qkv.device, qkv.dtype)
+    wh, ww = window[1:]
+    x = qkv.view(B, H, W, 3 * nh * hd)
+    if any(shift):
+        x = torch.roll(x, shifts=(-shift[1], -shift[2]), dims=(1, 2))
+    o = blk.attn(window_partition(x, (wh, ww)).view(-1, wh * ww, 3 * nh * hd), mask=blk.attn_mask)
+    o = window_reverse(o.view(-1, wh, ww, nh * hd), (wh, ww), H, W)
+    if any(shift):
+        o = torch.roll(o, shifts=shift[1:], dims=(1, 2))
+    return o
+
+
+def _timm_unavailable(dev):
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return "timm is not installed"
+    return None
+
+
 def providers(device: str) -> list[Provider]:
     def compiled(q, k, v, table, window, shift, qkv):
         return _compiled_reference(window, shift)(q, k, v, table)
 
-    return [_backend_provider(b) for b in ("reference", "torch", "triton")] + [Provider("torch.compile", compiled)]
+    def timm_2d_only(case):
+        return None if case.params["window"].startswith("1x") else "timm's Swin attention is 2-D only"
+
+    return [_backend_provider(b) for b in ("reference", "torch", "cpp", "triton")] + [
+        Provider("torch.compile", compiled),
+        Provider("timm", _timm_attention, _timm_unavailable, skip_case=timm_2d_only),
+    ]
 
 
 if __name__ == "__main__":

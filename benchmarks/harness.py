@@ -57,6 +57,7 @@ class Provider:
     fn: Callable  # fn(*inputs) -> output tensor
     unavailable: Callable[[str], str | None] = field(default=lambda device: None)  # reason or None
     modes: tuple[str, ...] = MODES
+    skip_case: Callable[[Case], str | None] = field(default=lambda case: None)  # reason this case does not apply
 
 
 # --- environment facts in every row ---------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def run(bench_module: str, args) -> list[dict]:
     work = [(c, p, m) for c in cases for p in providers for m in modes if m in p.modes]
     skipped = {}
     for case, provider, mode in tqdm(work, desc=mod.NAME, unit="run", disable=not sys.stderr.isatty()):
-        reason = provider.unavailable(device)
+        reason = provider.unavailable(device) or provider.skip_case(case)
         if reason:
             skipped[provider.name] = reason
             continue

@@ -114,3 +114,84 @@ def test_bad_arguments():
         WindowAttention3D(15, 2, (2, 3, 3))
     with pytest.raises(ValueError, match="shift_size"):
         SwinBlock3D(16, 2, window_size=(2, 3, 3), shift_size=(2, 1, 1))
+
+
+# --- the chunked CPU MLP ---------------------------------------------------------------------------------------------
+
+
+def _plain_mlp_grads(mlp, x, g):
+    x = x.detach().clone().requires_grad_()
+    mlp.chunked = False
+    y = mlp(x)
+    y.backward(g)
+    mlp.chunked = True
+    grads = [x.grad] + [p.grad.clone() for p in mlp.parameters()]
+    mlp.zero_grad(set_to_none=True)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("rows,chunk_bytes", [(37, 3 * 2**20), (1000, 4096 * 4), (1000, 333 * 4 * 16)])
+def test_chunked_mlp_equals_plain_autograd(monkeypatch, rows, chunk_bytes, approximate):
+    """Any chunking (one chunk, many, uneven) gives fc2(gelu(fc1(x))) and every gradient of plain autograd."""
+    from florence_kernels import nn as fnn
+
+    monkeypatch.setattr(fnn, "MLP_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    mlp = fnn.Mlp(16, 64, act_layer=lambda: torch.nn.GELU(approximate=approximate)).double()
+    x = torch.randn(rows, 16, dtype=torch.float64)
+    g = torch.randn(rows, 16, dtype=torch.float64)
+    y_ref, grads_ref = _plain_mlp_grads(mlp, x, g)
+    xi = x.clone().requires_grad_()
+    assert mlp._use_chunked(xi)
+    y = mlp(xi)
+    y.backward(g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip([xi.grad] + [p.grad for p in mlp.parameters()], grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_mlp_gradcheck_and_frozen_weights():
+    from florence_kernels.nn import _ChunkedMlp
+
+    torch.manual_seed(0)
+    x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    w1, b1 = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    w2, b2 = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    params = [t.requires_grad_() for t in (w1, b1, w2, b2)]
+    assert torch.autograd.gradcheck(lambda *a: _ChunkedMlp.apply(*a, "none", 4), (x, *params))
+    # Frozen weights: only the input gradient is computed, and it is the same.
+    frozen = [t.detach() for t in params]
+    (dx_all,) = torch.autograd.grad(_ChunkedMlp.apply(x, *params, "none", 4).sum(), x)
+    (dx_frozen,) = torch.autograd.grad(_ChunkedMlp.apply(x, *frozen, "none", 4).sum(), x)
+    torch.testing.assert_close(dx_frozen, dx_all)
+
+
+def test_chunked_mlp_only_where_it_is_exact():
+    from florence_kernels.nn import Mlp
+
+    mlp = Mlp(8, 32, drop=0.1)
+    x = torch.randn(4, 8)
+    assert not mlp._use_chunked(x)  # training with dropout: plain path
+    assert mlp.eval()._use_chunked(x)
+    assert not mlp._use_chunked(x.half())
+    assert not Mlp(8, 32, act_layer=torch.nn.ReLU)._use_chunked(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not mlp._use_chunked(x)
+    assert not SwinBlock3D(8, 2, (1, 3, 3), backend="reference").mlp._use_chunked(x)  # reference stays literal
+
+
+def test_drop_path_training_matches_reference_block():
+    """Stochastic depth with the in-place residual sums: same output and gradients as the reference block."""
+    outs = {}
+    for backend in ["reference"] + BACKENDS:
+        torch.manual_seed(0)
+        blk = SwinBlock3D(16, 2, (2, 3, 3), (1, 1, 1), drop_path=0.5, backend=backend).train()
+        x = torch.randn(4, 2, 6, 6, 16, requires_grad=True)
+        torch.manual_seed(1)
+        y = blk(x)
+        y.square().sum().backward()
+        outs[backend] = (y, x.grad, blk.mlp.fc1.weight.grad)
+    for backend in BACKENDS:
+        for a, b in zip(outs[backend], outs["reference"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=backend)

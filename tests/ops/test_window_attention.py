@@ -159,3 +159,98 @@ def test_triton_custom_op_opcheck():
     q, k, v = (t.contiguous().requires_grad_() for t in qkv.unbind(-3))
     torch.library.opcheck(_wattn_triton_fwd_op, (q, k, v, table.requires_grad_(), [2, 3, 3], [1, 1, 1], 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))  # fmt: skip
+
+
+# --- cpp: the fused CPU kernel at sizes the interpreter cannot afford ------------------------------------------------
+
+CPP_CASES = [
+    ((2, 1, 14, 14), 3, 32, (7, 7), (3, 3)),  # Swin: 49 tokens (32 + 16 + 16-wide tiles), 4 windows with the mask
+    ((1, 1, 13, 17), 3, 24, (7, 7), (3, 3)),  # head_dim 24 (output tiles spill into the next head's columns), padding
+    ((1, 4, 9, 9), 2, 16, (4, 5, 5), (2, 2, 2)),  # 3-D: 100 tokens per window, padding on H and W
+    ((2, 3, 8, 8), 1, 64, (8, 7, 7), (4, 3, 3)),  # time shrinks to 3 (shift drops), 147 tokens, head_dim 64
+]
+
+
+def _cpp_available():
+    return "cpp" in CPU_BACKENDS
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="florence_kernels._C is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CPP_CASES, ids=_id)
+def test_cpp_larger_windows_against_reference(case, dtype):
+    qkv, table, grad = _inputs(case, dtype)
+    ref = _run(qkv.double(), table.double(), grad.double(), case, torch.float64, "reference")
+    low = _run(qkv, table, grad, case, dtype, "reference")
+    out = _run(qkv, table, grad, case, dtype, "cpp")
+    for name, o, r, t in zip(("output", "grad qkv", "grad bias table"), out, ref, low, strict=True):
+        assert_close_to_reference(o, r, t, atol=ATOL[dtype], what=f"cpp {_id(case)} {dtype} {name}")
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="florence_kernels._C is not built")
+def test_cpp_reads_any_strides_and_packed_path_matches():
+    """q, k, v with head_dim not innermost (and an expanded, stride-0 output gradient) give the reference's result;
+    the packed-qkv op used by the modules gives the same output and gradients as the three-tensor op."""
+    from florence_kernels.ops.window_attention import _wattn_cpp_packed_fwd_op
+
+    case = CPP_CASES[0]
+    (B, T, H, W), nh, hd, window, shift = case
+    base = torch.randn(B, T, H, W, nh, 3, hd, dtype=torch.float64)
+    q, k, v = (base[..., i, :].transpose(-1, -2).contiguous().transpose(-1, -2) for i in range(3))
+    assert q.stride(-1) != 1
+    table = torch.randn(bias_table_rows((1, *window)), nh, dtype=torch.float64)
+    args = dict(window_size=(1, *window), shift_size=(0, *shift), rel_pos_bias=table)
+    out = fk.window_attention(q.float(), k.float(), v.float(), backend="cpp", **{**args, "rel_pos_bias": table.float()})
+    ref = fk.window_attention(q, k, v, backend="reference", **args)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+    qkv = torch.randn(B, T, H, W, 3, nh, hd, requires_grad=True)
+    tb = table.float().requires_grad_()
+    grad = torch.ones(()).expand(B, T, H, W, nh, hd)  # stride-0 incoming gradient
+    o1 = fk.window_attention(*qkv.unbind(4), backend="cpp", **{**args, "rel_pos_bias": tb})
+    g1 = torch.autograd.grad(o1, (qkv, tb), grad)
+    o2 = _wattn_cpp_packed_fwd_op(qkv, tb, [1, *window], [0, *shift], hd**-0.5)[0]
+    g2 = torch.autograd.grad(o2, (qkv, tb), grad)
+    torch.testing.assert_close(o2, o1, rtol=0, atol=0)
+    for a, b in zip(g2, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="florence_kernels._C is not built")
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpp_custom_ops_opcheck(packed):
+    from florence_kernels.ops.window_attention import _wattn_cpp_fwd_op, _wattn_cpp_packed_fwd_op
+
+    qkv, table, _ = _inputs(CASES[4], torch.float32)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    if packed:
+        args = (qkv.requires_grad_(), table.requires_grad_(), [2, 3, 3], [1, 1, 2], 0.25)
+        torch.library.opcheck(_wattn_cpp_packed_fwd_op, args, test_utils=tests)
+    else:
+        q, k, v = (t.contiguous().requires_grad_() for t in qkv.unbind(-3))
+        args = (q, k, v, table.requires_grad_(), [2, 3, 3], [1, 1, 2], 0.25)
+        torch.library.opcheck(_wattn_cpp_fwd_op, args, test_utils=tests)
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="florence_kernels._C is not built")
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(k=torch.randn(1, 1, 7, 7, 2, 4)), r"k: expected shape \[1, 1, 7, 7, 2, 8\] \(that of q\)"),
+        (dict(v=torch.randn(1, 1, 7, 7, 2, 8, dtype=torch.float64)), r"v: expected dtype Float"),
+        (dict(q=torch.randn(1, 1, 7, 7, 2, 8, dtype=torch.float64)), r"q: expected float32, float16 or bfloat16"),
+        (dict(table=torch.randn(10, 2)), r"rel_pos_bias: expected shape \[169, 2\]"),
+        (dict(window=[1, 8, 8]), r"window_size/shift_size: expected 0 < window <= nominal window"),
+    ],
+)
+def test_cpp_extension_checks_name_the_argument(change, match):
+    """The C++ entry points check their inputs themselves (they are reachable through torch.ops)."""
+    import florence_kernels._C  # noqa: F401
+
+    args = dict(q=torch.randn(1, 1, 7, 7, 2, 8), k=torch.randn(1, 1, 7, 7, 2, 8), v=torch.randn(1, 1, 7, 7, 2, 8),
+                table=torch.randn(169, 2), window=[1, 7, 7])  # fmt: skip
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.florence_kernels_C.window_attention_fwd(
+            args["q"], args["k"], args["v"], args["table"], args["window"], [0, 3, 3], [1, 7, 7], 0.35
+        )
