@@ -32,7 +32,7 @@ def main(argv=None) -> int:
             continue
         rows = harness.run(name, args)
         all_rows += rows
-        paths = harness.save(rows, args.out, mod.NAME)
+        paths = harness.save_all(rows, args.out, mod)
         print(f"{mod.NAME}: rows appended to {', '.join(paths)}", file=sys.stderr)
         if args.compare:
             old = os.path.join(args.compare, f"{mod.NAME}.jsonl") if os.path.isdir(args.compare) else args.compare

@@ -149,17 +149,32 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_cpu(step, *, warmup: int, reps: int, min_seconds: float) -> list[float]:
+def time_cpu_interleaved(steps: dict, warmup: int, reps: int, min_seconds: float) -> dict[str, list[float]]:
+    """Round-robin: each round runs every provider's step once, so drift (clock, other load, allocator state) hits
+    all providers alike and per-round ratios pair up. A provider that raises is dropped and reported."""
+    times = {n: [] for n in steps}
+    live = dict(steps)
+
+    def one(name, record):
+        try:
+            t0 = time.perf_counter()
+            live[name]()
+            if record:
+                times[name].append(time.perf_counter() - t0)
+        except Exception as e:
+            print(f"  {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            del live[name]
+            del times[name]
+
     for _ in range(warmup):
-        step()
-    times = []
-    t_end = time.perf_counter() + min_seconds
-    while len(times) < reps or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 20 * reps:
-            break
+        for name in list(live):
+            one(name, False)
+    t_end = time.perf_counter() + min_seconds * max(1, len(live))
+    rounds = 0
+    while live and (rounds < reps or time.perf_counter() < t_end) and rounds < 20 * reps:
+        for name in list(live):
+            one(name, True)
+        rounds += 1
     return times
 
 
@@ -260,46 +275,64 @@ def run(bench_module: str, args) -> list[dict]:
     providers = [p for p in mod.providers(device) if not args.providers or p.name in args.providers]
     modes = args.modes or MODES
     rows = []
-    work = [(c, p, m) for c in cases for p in providers for m in modes if m in p.modes]
     skipped = {}
-    for case, provider, mode in tqdm(work, desc=mod.NAME, unit="run", disable=not sys.stderr.isatty()):
-        reason = provider.unavailable(device) or provider.skip_case(case)
-        if reason:
-            skipped[provider.name] = reason
-            continue
-        inputs = case.make_inputs(device, dtype)
-        try:
-            step = make_step(provider, inputs, mode)
-            if device == "cuda":
-                timing = time_gpu(step, _leaves(inputs))
-                peak = gpu_peak_memory_mb(step)
-            else:
-                warm, reps, min_s = (2, 5, 0.2) if args.quick else (3, 15, 1.0)
-                timing = summarise_cpu(time_cpu(step, warmup=warm, reps=reps, min_seconds=min_s))
+    groups = [(c, m) for c in cases for m in modes]
+    for case, mode in tqdm(groups, desc=mod.NAME, unit="case", disable=not sys.stderr.isatty()):
+        steps = {}  # provider name -> (provider, step, inputs)
+        for provider in providers:
+            if mode not in provider.modes:
+                continue
+            reason = provider.unavailable(device) or provider.skip_case(case)
+            if reason:
+                skipped[provider.name] = reason
+                continue
+            inputs = case.make_inputs(device, dtype)
+            try:
+                steps[provider.name] = (provider, make_step(provider, inputs, mode), inputs)
+            except Exception as e:  # a provider that breaks is reported, the run goes on
+                print(f"  {provider.name} failed on {case.name}/{mode}: {type(e).__name__}: {e}", file=sys.stderr)
+        if device == "cuda":
+            timings = {}
+            for name, (_, step, inputs) in list(steps.items()):
+                try:
+                    timings[name] = time_gpu(step, _leaves(inputs))
+                    timings[name]["peak_mem_mb"] = gpu_peak_memory_mb(step)
+                except Exception as e:
+                    print(f"  {name} failed on {case.name}/{mode}: {type(e).__name__}: {e}", file=sys.stderr)
+                    del steps[name]
+                    torch.cuda.empty_cache()
+        else:
+            warm, reps, min_s = (2, 5, 0.2) if args.quick else (3, 15, 1.0)
+            times = time_cpu_interleaved({n: st for n, (_, st, _) in steps.items()}, warm, reps, min_s)
+            timings = {n: summarise_cpu(t) for n, t in times.items()}
+            if "reference" in times:  # side by side: the median of per-round ratios, robust to drift
+                for n, t in times.items():
+                    k = min(len(t), len(times["reference"]))
+                    ratios = [r / x for r, x in zip(times["reference"][:k], t[:k], strict=True)]
+                    timings[n]["speedup_vs_reference_paired"] = statistics.median(ratios)
+            for n in timings:
                 peak = None
                 if mode == "full" and not args.no_memory:
-                    peak = cpu_peak_memory_mb(bench_module, case, provider, mode, args.dtype, args.quick)
-        except Exception as e:  # a provider that breaks is reported, the run goes on
-            print(f"  {provider.name} failed on {case.name}/{mode}: {type(e).__name__}: {e}", file=sys.stderr)
-            continue
-        row = {
-            "bench": mod.NAME,
-            "case": case.name,
-            **{f"param_{k}": v for k, v in case.params.items()},
-            "provider": provider.name,
-            "mode": mode,
-            "dtype": args.dtype,
-            **timing,
-            "peak_mem_mb": peak,
-        }
-        seconds = timing["median_ms"] / 1e3
-        if case.bytes_moved:
-            row["gbps"] = case.bytes_moved(mode) / seconds / 1e9
-        if case.flops:
-            row["tflops"] = case.flops(mode) / seconds / 1e12
-        row.update(env)
-        rows.append(row)
-        del inputs, step
+                    peak = cpu_peak_memory_mb(bench_module, case, steps[n][0], mode, args.dtype, args.quick)
+                timings[n]["peak_mem_mb"] = peak
+        for name, timing in timings.items():
+            row = {
+                "bench": mod.NAME,
+                "case": case.name,
+                **{f"param_{k}": v for k, v in case.params.items()},
+                "provider": name,
+                "mode": mode,
+                "dtype": args.dtype,
+                **timing,
+            }
+            seconds = timing["median_ms"] / 1e3
+            if case.bytes_moved:
+                row["gbps"] = case.bytes_moved(mode) / seconds / 1e9
+            if case.flops:
+                row["tflops"] = case.flops(mode) / seconds / 1e12
+            row.update(env)
+            rows.append(row)
+        del steps
     for name, reason in skipped.items():
         print(f"  skipped provider {name}: {reason}", file=sys.stderr)
     _add_speedups(rows)
@@ -307,10 +340,12 @@ def run(bench_module: str, args) -> list[dict]:
 
 
 def _add_speedups(rows):
+    """Ratio of medians; on CPU the median of paired per-round ratios where the rounds were interleaved."""
     ref = {(r["case"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == "reference"}
     for r in rows:
         base = ref.get((r["case"], r["mode"]))
-        r["speedup_vs_reference"] = base / r["median_ms"] if base else None
+        paired = r.pop("speedup_vs_reference_paired", None)
+        r["speedup_vs_reference"] = paired if paired is not None else (base / r["median_ms"] if base else None)
 
 
 def format_table(rows) -> str:
@@ -359,6 +394,14 @@ def save(rows, out_dir: str, name: str) -> list[str]:
     png = os.path.join(out_dir, f"{name}.png")
     if rows and plot(rows, png):
         paths.append(png)
+    return paths
+
+
+def save_all(rows, out_dir: str, mod) -> list[str]:
+    """save(), then the bench module's own plots (``extra_plots(rows, out_dir) -> paths``) where it has any."""
+    paths = save(rows, out_dir, mod.NAME)
+    if rows and hasattr(mod, "extra_plots"):
+        paths += mod.extra_plots(rows, out_dir)
     return paths
 
 
@@ -450,7 +493,7 @@ def main_for(bench_module: str, argv=None) -> int:
     rows = run(bench_module, args)
     print(format_table(rows))
     mod = sys.modules[bench_module]
-    paths = save(rows, args.out, mod.NAME)
+    paths = save_all(rows, args.out, mod)
     print("rows appended to " + ", ".join(paths))
     if args.compare:
         return compare(rows, args.compare, args.fail_if_regression)

@@ -7,6 +7,7 @@ x = fk.window_reverse(windows, window_size=(8, 7, 7), shape=x.shape, shift_size=
 
 from . import _env  # noqa: F401  (must run before triton is imported: FLORENCE_TRITON_INTERPRET)
 from ._dispatch import BACKEND_NAMES, OPS, Backend, BackendNotSupportedError, Op
+from .ops.contrastive_loss import contrastive_loss
 from .ops.window_attention import window_attention
 from .ops.window_partition import window_partition, window_reverse
 
@@ -18,6 +19,7 @@ __all__ = [
     "Backend",
     "BackendNotSupportedError",
     "Op",
+    "contrastive_loss",
     "window_attention",
     "window_partition",
     "window_reverse",

@@ -7,10 +7,13 @@ attn.relative_position_bias_table, norm2, mlp.fc1, mlp.fc2), so a state dict of 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.contrastive_loss import contrastive_loss
 from .ops.window_attention import (
     WINDOW_ATTENTION,
     _wattn_cpp_packed_fwd_op,
@@ -245,3 +248,29 @@ class SwinBlock3D(nn.Module):
         x = self.drop_path(self._attention(self.norm1(x))).add_(x)
         x = self.drop_path(self.mlp(self.norm2(x))).add_(x)
         return x.squeeze(1) if squeeze else x
+
+
+class UniCLLoss(nn.Module):
+    """UniCL / CLIP loss with the learnable temperature: ``loss = contrastive_loss(u, v, exp(logit_scale), labels)``.
+
+    logit_scale is stored as a log (CLIP's init log(1/0.07)) and clamped at log(100) before use, Florence's choice
+    (../shared/SPEC.md section 2); the clamp passes no gradient above the cap, as in CLIP.
+    """
+
+    def __init__(self, init_logit_scale: float = math.log(1 / 0.07), max_logit_scale: float = math.log(100.0),
+                 backend: str | None = None, process_group=None):  # fmt: skip
+        super().__init__()
+        if init_logit_scale > max_logit_scale:
+            raise ValueError(f"init_logit_scale: {init_logit_scale} exceeds max_logit_scale {max_logit_scale}")
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.max_logit_scale = max_logit_scale
+        self.backend = backend
+        self.process_group = process_group
+
+    def scale(self) -> torch.Tensor:
+        """The multiplier tau = exp(min(logit_scale, max))."""
+        return self.logit_scale.clamp(max=self.max_logit_scale).exp()
+
+    def forward(self, image_features, text_features, labels=None):
+        return contrastive_loss(image_features, text_features, self.scale(), labels,
+                                process_group=self.process_group, backend=self.backend)  # fmt: skip

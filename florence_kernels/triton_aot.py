@@ -21,9 +21,11 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1
 
 
 def all_specs() -> list[dict]:
-    from .ops import window_attention, window_partition
+    from .ops import contrastive_loss, window_attention, window_partition
 
-    return window_partition.triton_aot_specs() + window_attention.triton_aot_specs()
+    return (
+        window_partition.triton_aot_specs() + window_attention.triton_aot_specs() + contrastive_loss.triton_aot_specs()
+    )
 
 
 def _compile_one(job: tuple[int, int]) -> dict:

@@ -92,3 +92,20 @@ def test_make_step_modes_produce_gradients(mode):
         assert x.grad is None
     else:
         assert x.grad is not None
+
+
+def test_cpu_timing_interleaves_providers_and_drops_a_failing_one(capsys):
+    from benchmarks.harness import time_cpu_interleaved
+
+    order = []
+
+    def step(name):
+        return lambda: order.append(name)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    times = time_cpu_interleaved({"a": step("a"), "b": step("b"), "c": broken}, warmup=1, reps=3, min_seconds=0)
+    assert set(times) == {"a", "b"} and len(times["a"]) == len(times["b"]) == 3
+    assert order == ["a", "b"] * 4  # one warm-up round, then three rounds, round-robin
+    assert "c failed: RuntimeError: boom" in capsys.readouterr().err

@@ -33,7 +33,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     assert len(rows) == 2 * len(specs) > 0
     # both ops' kernels, forward and backward for attention
     names = {r["kernel"].split("[")[0] for r in rows}
-    assert {"window_gather", "_wattn_fwd_kernel", "_wattn_bwd_kernel"} <= names, names
+    assert {
+        "window_gather",
+        "_wattn_fwd_kernel",
+        "_wattn_bwd_kernel",
+        "_lse_rows_kernel",
+        "_lse_bwd_rows_kernel",
+    } <= names
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert all(r["ok"] and r["shared_bytes"] <= r["shared_limit"] for r in rows)
 
