@@ -10,6 +10,9 @@ import torch
 # Decide before florence_kernels (and so Triton) is imported: without a GPU, Triton kernels run on CPU tensors
 # under the interpreter; with one, they run compiled on the GPU.
 os.environ.setdefault("FLORENCE_TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+# ... and import it now, before any test module imports triton itself (pytest.importorskip("triton") would otherwise
+# import it without TRITON_INTERPRET when such a module is collected first).
+import florence_kernels  # noqa: E402, F401
 
 RUN_EXTENDED = os.environ.get("FLORENCE_RUN_EXTENDED_TESTS", "0") == "1"
 
