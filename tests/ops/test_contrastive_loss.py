@@ -150,9 +150,12 @@ def test_custom_op_opcheck(backend):
 
 
 def _worker(rank, world, init, backend, u, v, labels, scale, out_dir):
+    import datetime
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
     try:
         n = u.shape[0] // world
         ul = u[rank * n : (rank + 1) * n].clone().requires_grad_()
@@ -166,12 +169,14 @@ def _worker(rank, world, init, backend, u, v, labels, scale, out_dir):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-def test_two_gloo_processes_equal_one(tmp_path, backend):
+def test_two_gloo_processes_equal_one(tmp_path, monkeypatch, backend):
     """Each rank gives the loss of its rows; their mean (what DDP averaging optimises) is the one-process loss on the
     concatenated batch, and the rank-averaged gradients (features: this rank's rows) are the one-process ones.
     Positives held by the other rank count (labels shared across ranks)."""
     import torch.multiprocessing as mp
 
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only, whatever the hostname resolves to
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two ranks on two cores
     world, N, D, scale = 2, 12, 16, 9.0
     u, v = _features(N, D)
     u, v = u.float(), v.float()
