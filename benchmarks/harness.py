@@ -149,6 +149,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+SLOW_ROUND_S = 2.0  # a warm-up round slower than this ends the warm-up
+MIN_ROUNDS, MAX_GROUP_S = 5, 120.0  # at least 5 timed rounds; stop after 2 minutes once there are 5
+
+
 def time_cpu_interleaved(steps: dict, warmup: int, reps: int, min_seconds: float) -> dict[str, list[float]]:
     """Round-robin: each round runs every provider's step once, so drift (clock, other load, allocator state) hits
     all providers alike and per-round ratios pair up. A provider that raises is dropped and reported."""
@@ -166,12 +170,18 @@ def time_cpu_interleaved(steps: dict, warmup: int, reps: int, min_seconds: float
             del live[name]
             del times[name]
 
-    for _ in range(warmup):
+    for i in range(warmup):
+        t0 = time.perf_counter()
         for name in list(live):
             one(name, False)
-    t_end = time.perf_counter() + min_seconds * max(1, len(live))
+        if time.perf_counter() - t0 > SLOW_ROUND_S:  # seconds-long steps: one warm-up round is enough
+            break
+    start = time.perf_counter()
+    t_end = start + min_seconds * max(1, len(live))
     rounds = 0
     while live and (rounds < reps or time.perf_counter() < t_end) and rounds < 20 * reps:
+        if rounds >= MIN_ROUNDS and time.perf_counter() - start > MAX_GROUP_S:
+            break  # huge cases (N x N references at N = 16k): enough rounds for a median within the time budget
         for name in list(live):
             one(name, True)
         rounds += 1
