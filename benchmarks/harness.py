@@ -170,7 +170,7 @@ def time_cpu_interleaved(steps: dict, warmup: int, reps: int, min_seconds: float
             del live[name]
             del times[name]
 
-    for i in range(warmup):
+    for _ in range(warmup):
         t0 = time.perf_counter()
         for name in list(live):
             one(name, False)
