@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops.contrastive_loss import contrastive_loss
+from .ops.conv_embed import conv_embed
 from .ops.window_attention import (
     WINDOW_ATTENTION,
     _wattn_cpp_packed_fwd_op,
@@ -274,3 +275,46 @@ class UniCLLoss(nn.Module):
     def forward(self, image_features, text_features, labels=None):
         return contrastive_loss(image_features, text_features, self.scale(), labels,
                                 process_group=self.process_group, backend=self.backend)  # fmt: skip
+
+
+class ConvEmbed(nn.Module):
+    """Convolution + LayerNorm to channels-last tokens (CoSwin's stem and patch merging; dims=3: Video CoSwin).
+
+    Takes channels-first images/clips or a previous stage's channels-last tokens (see :func:`conv_embed`); returns
+    (B, [T,] H', W', embed_dim). Parameters: proj (the convolution), norm (the LayerNorm).
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, kernel_size, stride, padding, dims: int = 2, eps: float = 1e-5,
+                 backend: str | None = None):  # fmt: skip
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError(f"dims: expected 2 or 3, got {dims!r}")
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.proj = conv(in_chans, embed_dim, kernel_size, stride, padding)
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.dims, self.backend = dims, backend
+
+    def forward(self, x: torch.Tensor, input_layout: str = "auto") -> torch.Tensor:
+        return conv_embed(x, self.proj.weight, self.proj.bias, self.norm.weight, self.norm.bias,
+                          stride=self.proj.stride, padding=self.proj.padding, eps=self.norm.eps,
+                          input_layout=input_layout, backend=self.backend)  # fmt: skip
+
+    def load_inflated(self, state_dict_2d: dict) -> None:
+        """Load a 2-D ConvEmbed's state dict into this 3-D one (Florence's inflation, see :func:`inflate_from_2d`)."""
+        if self.dims != 3:
+            raise ValueError("load_inflated: this ConvEmbed is 2-D; inflation makes a 3-D one")
+        self.load_state_dict(inflate_from_2d(state_dict_2d, self.proj.kernel_size[0]))
+
+
+def inflate_from_2d(state_dict_2d: dict, temporal_kernel: int) -> dict:
+    """Florence's inflation of 2-D convolutions to 3-D: every 4-D kernel (C_out, C_in, kh, kw) is repeated over
+    ``temporal_kernel`` frames and divided by it, so a clip of one repeated frame gives the 2-D result; every other
+    entry (biases, norms) is copied. Keys are kept."""
+    if not isinstance(temporal_kernel, int) or temporal_kernel < 1:
+        raise ValueError(f"temporal_kernel: expected a positive int, got {temporal_kernel!r}")
+    out = {}
+    for key, value in state_dict_2d.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            value = value.unsqueeze(2).repeat(1, 1, temporal_kernel, 1, 1) / temporal_kernel
+        out[key] = value
+    return out
