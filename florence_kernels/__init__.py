@@ -9,6 +9,7 @@ from . import _env  # noqa: F401  (must run before triton is imported: FLORENCE_
 from ._dispatch import BACKEND_NAMES, OPS, Backend, BackendNotSupportedError, Op
 from .ops.contrastive_loss import contrastive_loss
 from .ops.conv_embed import conv_embed
+from .ops.deform_conv import modulated_deform_conv2d
 from .ops.window_attention import window_attention
 from .ops.window_partition import window_partition, window_reverse
 
@@ -22,6 +23,7 @@ __all__ = [
     "Op",
     "contrastive_loss",
     "conv_embed",
+    "modulated_deform_conv2d",
     "window_attention",
     "window_partition",
     "window_reverse",
