@@ -15,6 +15,7 @@ import florence_kernels as fk
 from benchmarks.harness import Case, Provider, main_for
 
 NAME = "dyhead"
+PER_MODE = {"forward": 1, "backward": 2, "full": 3}  # GEMM passes of each mode
 LEVELS = {"P3": (100, 167), "P4": (50, 84), "P5": (25, 42), "P6": (13, 21), "P7": (7, 11)}
 
 
@@ -36,8 +37,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
 
         flops = 2.0 * B * H * W * C * C * 9
         params = {"what": "deform conv", "level": lvl, "shape": f"{B}x{C}x{H}x{W}"}
-        per_mode = {"forward": 1, "backward": 2, "full": 3}
-        out.append(Case(f"dcn_{lvl}_b{B}", params, make_dcn, flops=lambda mode, f=flops: f * per_mode[mode]))
+        out.append(Case(f"dcn_{lvl}_b{B}", params, make_dcn, flops=lambda mode, f=flops: f * PER_MODE[mode]))
     if not quick:
         pyramid = list(LEVELS.values()) if device == "cuda" else list(LEVELS.values())[1:]
 
