@@ -8,6 +8,9 @@ x = fk.window_reverse(windows, window_size=(8, 7, 7), shape=x.shape, shift_size=
 from . import _env  # noqa: F401  (must run before triton is imported: FLORENCE_TRITON_INTERPRET)
 from ._dispatch import BACKEND_NAMES, OPS, Backend, BackendNotSupportedError, Op
 from .ops.contrastive_loss import contrastive_loss
+from .ops.conv_embed import conv_embed
+from .ops.deform_conv import modulated_deform_conv2d
+from .ops.dyhead import dyrelu, scale_aware_attention
 from .ops.window_attention import window_attention
 from .ops.window_partition import window_partition, window_reverse
 
@@ -20,6 +23,10 @@ __all__ = [
     "BackendNotSupportedError",
     "Op",
     "contrastive_loss",
+    "dyrelu",
+    "scale_aware_attention",
+    "conv_embed",
+    "modulated_deform_conv2d",
     "window_attention",
     "window_partition",
     "window_reverse",

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops.contrastive_loss import contrastive_loss
+from .ops.conv_embed import conv_embed
+from .ops.deform_conv import modulated_deform_conv2d
+from .ops.dyhead import dyrelu, hard_sigmoid, scale_aware_attention
 from .ops.window_attention import (
     WINDOW_ATTENTION,
     _wattn_cpp_packed_fwd_op,
@@ -274,3 +277,162 @@ class UniCLLoss(nn.Module):
     def forward(self, image_features, text_features, labels=None):
         return contrastive_loss(image_features, text_features, self.scale(), labels,
                                 process_group=self.process_group, backend=self.backend)  # fmt: skip
+
+
+class ConvEmbed(nn.Module):
+    """Convolution + LayerNorm to channels-last tokens (CoSwin's stem and patch merging; dims=3: Video CoSwin).
+
+    Takes channels-first images/clips or a previous stage's channels-last tokens (see :func:`conv_embed`); returns
+    (B, [T,] H', W', embed_dim). Parameters: proj (the convolution), norm (the LayerNorm).
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, kernel_size, stride, padding, dims: int = 2, eps: float = 1e-5,
+                 backend: str | None = None):  # fmt: skip
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError(f"dims: expected 2 or 3, got {dims!r}")
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.proj = conv(in_chans, embed_dim, kernel_size, stride, padding)
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.dims, self.backend = dims, backend
+
+    def forward(self, x: torch.Tensor, input_layout: str = "auto") -> torch.Tensor:
+        return conv_embed(x, self.proj.weight, self.proj.bias, self.norm.weight, self.norm.bias,
+                          stride=self.proj.stride, padding=self.proj.padding, eps=self.norm.eps,
+                          input_layout=input_layout, backend=self.backend)  # fmt: skip
+
+    def load_inflated(self, state_dict_2d: dict) -> None:
+        """Load a 2-D ConvEmbed's state dict into this 3-D one (Florence's inflation, see :func:`inflate_from_2d`)."""
+        if self.dims != 3:
+            raise ValueError("load_inflated: this ConvEmbed is 2-D; inflation makes a 3-D one")
+        self.load_state_dict(inflate_from_2d(state_dict_2d, self.proj.kernel_size[0]))
+
+
+def inflate_from_2d(state_dict_2d: dict, temporal_kernel: int) -> dict:
+    """Florence's inflation of 2-D convolutions to 3-D: every 4-D kernel (C_out, C_in, kh, kw) is repeated over
+    ``temporal_kernel`` frames and divided by it, so a clip of one repeated frame gives the 2-D result; every other
+    entry (biases, norms) is copied. Keys are kept."""
+    if not isinstance(temporal_kernel, int) or temporal_kernel < 1:
+        raise ValueError(f"temporal_kernel: expected a positive int, got {temporal_kernel!r}")
+    out = {}
+    for key, value in state_dict_2d.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            value = value.unsqueeze(2).repeat(1, 1, temporal_kernel, 1, 1) / temporal_kernel
+        out[key] = value
+    return out
+
+
+# --- Dynamic Head (mmdetection's DyHeadBlock semantics and parameter names) -----------------------------------------
+
+
+class _ConvAct(nn.Module):
+    """A 1x1 convolution (mmcv ConvModule's ``conv``) followed by an activation."""
+
+    def __init__(self, c_in: int, c_out: int, act):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 1)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class DyReLU(nn.Module):
+    """Task-aware attention: GAP -> 1x1 conv C -> C/4 -> ReLU -> 1x1 conv C/4 -> 4C -> hard sigmoid, then
+    :func:`florence_kernels.dyrelu` (mmdetection's DyReLU: split order a1, b1, a2, b2)."""
+
+    def __init__(self, channels: int, ratio: int = 4, backend: str | None = None):
+        super().__init__()
+        self.channels, self.backend = channels, backend
+        self.conv1 = _ConvAct(channels, channels // ratio, nn.ReLU())
+        self.conv2 = _ConvAct(channels // ratio, channels * 4, hard_sigmoid)
+
+    def forward(self, x):
+        coefficients = self.conv2(self.conv1(F.adaptive_avg_pool2d(x, 1)))
+        return dyrelu(x, coefficients, backend=self.backend)
+
+
+class DyDCNv2(nn.Module):
+    """Modulated deformable 3x3 convolution (bias-free) followed by GroupNorm(16): the spatial-aware term."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, backend: str | None = None):
+        super().__init__()
+        self.stride, self.backend = stride, backend
+        self.conv = nn.Module()
+        self.conv.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        self.norm = nn.GroupNorm(16, out_channels)
+
+    def forward(self, x, offset, mask):
+        H = (x.shape[-2] - 1) // self.stride + 1
+        W = (x.shape[-1] - 1) // self.stride + 1
+        # offsets (and masks) come from the middle level: sliced to this convolution's output size
+        out = modulated_deform_conv2d(x, offset[..., :H, :W], mask[..., :H, :W], self.conv.weight, None,
+                                      stride=self.stride, padding=1, backend=self.backend)  # fmt: skip
+        return self.norm(out)
+
+
+class DyHeadBlock(nn.Module):
+    """One Dynamic Head block on a list of pyramid levels (same channels), as mmdetection's DyHeadBlock.
+
+    For level l: offsets (18) and masks (9, sigmoid) from a 3x3 conv of F_l; spatial-aware DCNv2 + GroupNorm on F_l
+    (stride 1), F_{l-1} (stride 2) and F_{l+1} (then bilinearly upsampled, align_corners=True); scale-aware weighting
+    averaged over the terms; task-aware DyReLU. Offsets are sliced to each convolution's output size. Parameter names
+    follow mmdetection (spatial_conv_high/mid/low.conv.weight, .norm, spatial_conv_offset,
+    scale_attn_module.1, task_attn_module.conv1/conv2.conv).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, zero_init_offset: bool = True,
+                 backend: str | None = None):  # fmt: skip
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.spatial_conv_high = DyDCNv2(in_channels, out_channels, backend=backend)
+        self.spatial_conv_mid = DyDCNv2(in_channels, out_channels, backend=backend)
+        self.spatial_conv_low = DyDCNv2(in_channels, out_channels, stride=2, backend=backend)
+        self.spatial_conv_offset = nn.Conv2d(in_channels, 27, 3, padding=1)
+        self.scale_attn_module = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(out_channels, 1, 1))
+        self.task_attn_module = DyReLU(out_channels, backend=backend)
+        self.backend = backend
+        for m in self.modules():  # mmdetection's init: normal(0, 0.01) convolutions, zero biases, zero offsets
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+            if isinstance(m, DyDCNv2):
+                nn.init.normal_(m.conv.weight, 0, 0.01)
+        if zero_init_offset:
+            nn.init.zeros_(self.spatial_conv_offset.weight)
+            nn.init.zeros_(self.spatial_conv_offset.bias)
+
+    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        conv = self.scale_attn_module[1]
+        outs = []
+        for level in range(len(x)):
+            offset_and_mask = self.spatial_conv_offset(x[level])
+            offset, mask = offset_and_mask[:, :18], offset_and_mask[:, 18:].sigmoid()
+            terms = [self.spatial_conv_mid(x[level], offset, mask)]
+            if level > 0:
+                terms.append(self.spatial_conv_low(x[level - 1], offset, mask))
+            if level < len(x) - 1:
+                high = self.spatial_conv_high(x[level + 1], offset, mask)
+                terms.append(F.interpolate(high, size=x[level].shape[-2:], mode="bilinear", align_corners=True))
+            fused = scale_attention_terms(terms, conv.weight, conv.bias, self.backend)
+            outs.append(self.task_attn_module(fused))
+        return outs
+
+
+def scale_attention_terms(terms, weight, bias, backend):
+    """The level's terms, each of the level's size (the stride-2 term can be one row/column larger: cropped)."""
+    H, W = terms[0].shape[-2:]
+    return scale_aware_attention([t[..., :H, :W] for t in terms], weight, bias, backend=backend)
+
+
+class DyHead(nn.Module):
+    """``num_blocks`` DyHeadBlocks in sequence on a list of pyramid levels (Florence: 6 blocks, 256 channels)."""
+
+    def __init__(self, channels: int = 256, num_blocks: int = 6, backend: str | None = None):
+        super().__init__()
+        self.blocks = nn.ModuleList(DyHeadBlock(channels, channels, backend=backend) for _ in range(num_blocks))
+
+    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        for blk in self.blocks:
+            x = blk(x)
+        return x

@@ -21,10 +21,14 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1
 
 
 def all_specs() -> list[dict]:
-    from .ops import contrastive_loss, window_attention, window_partition
+    from .ops import contrastive_loss, conv_embed, dyhead, window_attention, window_partition
 
     return (
-        window_partition.triton_aot_specs() + window_attention.triton_aot_specs() + contrastive_loss.triton_aot_specs()
+        window_partition.triton_aot_specs()
+        + window_attention.triton_aot_specs()
+        + contrastive_loss.triton_aot_specs()
+        + conv_embed.triton_aot_specs()
+        + dyhead.triton_aot_specs()
     )
 
 

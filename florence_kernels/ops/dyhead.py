@@ -1,0 +1,276 @@
+"""Dynamic Head's scale-aware and task-aware attentions (../shared/SPEC.md section 7, mmdetection's DyHeadBlock).
+
+- ``dyrelu(x, coefficients)``: the task-aware DyReLU, out = max(a1 x + b1, a2 x + b2) per (sample, channel), with
+  (a1, b1, a2, b2) mapped from the hyper-function's output y in [0, 1] (B, 4C) in mmdetection's split order:
+  a1 = 2 (y_a1 - 0.5) + 1, b1 = y_b1 - 0.5, a2 = 2 (y_a2 - 0.5), b2 = y_b2 - 0.5. All-0.5 coefficients give ReLU.
+- ``scale_aware_attention(terms, weight, bias)``: mean over the terms of term * hard_sigmoid(relu(w . GAP(term) + b)),
+  the pooled hard-sigmoid weighting that combines a level's three spatial-aware terms.
+
+Read top to bottom: the literal references, the PyTorch paths, the Triton DyReLU kernels (one pass forward, one
+backward pass that also reduces the coefficient gradients), the custom op, the registry, the public functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._dispatch import Backend, Op, register_op
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+
+def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """relu6(x + 3) / 6 (mmcv's HSigmoid(bias=3, divisor=6))."""
+    return F.relu6(x + 3.0) / 6.0
+
+
+# --- references -----------------------------------------------------------------------------------------------------
+
+
+def dyrelu_reference(x, coefficients):
+    C = x.shape[1]
+    y = coefficients.reshape(x.shape[0], 4 * C, *([1] * (x.dim() - 2))) - 0.5
+    a1, b1, a2, b2 = torch.split(y, C, dim=1)
+    return torch.max(x * (a1 * 2.0 + 1.0) + b1, x * (a2 * 2.0) + b2)
+
+
+def scale_aware_reference(terms, weight, bias):
+    out = 0
+    for t in terms:
+        pooled = F.adaptive_avg_pool2d(t, 1)
+        pi = hard_sigmoid(F.relu(F.conv2d(pooled, weight.view(1, -1, 1, 1), bias)))
+        out = out + t * pi
+    return out / len(terms)
+
+
+# --- torch: fewer passes --------------------------------------------------------------------------------------------
+
+
+def dyrelu_torch(x, coefficients):
+    B, C = x.shape[:2]
+    y = coefficients.reshape(B, 4, C).to(x.dtype)
+    a1, b1, a2, b2 = 2.0 * y[:, 0], y[:, 1] - 0.5, 2.0 * y[:, 2] - 1.0, y[:, 3] - 0.5
+    shape = (B, C) + (1,) * (x.dim() - 2)
+    return torch.maximum(
+        torch.addcmul(b1.view(shape), x, a1.view(shape)), torch.addcmul(b2.view(shape), x, a2.view(shape))
+    )
+
+
+def scale_aware_torch(terms, weight, bias):
+    """One reduction per term for the weights, then one fused multiply-accumulate pass per term."""
+    out = None
+    for t in terms:
+        pi = hard_sigmoid(F.relu(t.mean(dim=(2, 3)) @ weight.reshape(-1, 1) + bias))  # (B, 1)
+        pi = pi.view(-1, 1, 1, 1).to(t.dtype)
+        out = t * pi if out is None else torch.addcmul(out, t, pi)
+    return out / len(terms)
+
+
+# --- triton: DyReLU in one pass, backward with the coefficient reductions -------------------------------------------
+# One program = one (sample, channel) plane of H W elements (streamed in BLOCK steps): the forward reads x once and
+# writes out once; the backward reads x and the gradient once, writes dx, and reduces the four coefficient gradients
+# of its plane in registers (no atomics: each plane has its own coefficients).
+
+TRITON_BLOCK = 1024
+TRITON_NUM_WARPS = 4
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _coeffs(Y, pid, C):
+        b = pid // C
+        c = pid % C
+        base = Y + b * 4 * C + c
+        a1 = 2.0 * tl.load(base).to(tl.float32)
+        b1 = tl.load(base + C).to(tl.float32) - 0.5
+        a2 = 2.0 * tl.load(base + 2 * C).to(tl.float32) - 1.0
+        b2 = tl.load(base + 3 * C).to(tl.float32) - 0.5
+        return a1, b1, a2, b2
+
+    @triton.jit
+    def _dyrelu_fwd_kernel(X, Y, OUT, C, HW, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        a1, b1, a2, b2 = _coeffs(Y, pid, C)
+        for s in range(0, HW, BLOCK):
+            i = s + tl.arange(0, BLOCK)
+            ok = i < HW
+            x = tl.load(X + pid * HW + i, mask=ok, other=0.0).to(tl.float32)
+            tl.store(OUT + pid * HW + i, tl.maximum(a1 * x + b1, a2 * x + b2), mask=ok)
+
+    @triton.jit
+    def _dyrelu_bwd_kernel(X, Y, G, DX, DY, C, HW, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        a1, b1, a2, b2 = _coeffs(Y, pid, C)
+        s_a1 = tl.zeros((BLOCK,), tl.float32)
+        s_b1 = tl.zeros((BLOCK,), tl.float32)
+        s_a2 = tl.zeros((BLOCK,), tl.float32)
+        s_b2 = tl.zeros((BLOCK,), tl.float32)
+        for s in range(0, HW, BLOCK):
+            i = s + tl.arange(0, BLOCK)
+            ok = i < HW
+            x = tl.load(X + pid * HW + i, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(G + pid * HW + i, mask=ok, other=0.0).to(tl.float32)
+            v1 = a1 * x + b1
+            v2 = a2 * x + b2
+            # torch.maximum's gradient: to the larger, split in halves on ties
+            g1 = tl.where(v1 > v2, g, tl.where(v1 == v2, 0.5 * g, 0.0))
+            g2 = g - g1
+            tl.store(DX + pid * HW + i, g1 * a1 + g2 * a2, mask=ok)
+            s_a1 += g1 * x
+            s_b1 += g1
+            s_a2 += g2 * x
+            s_b2 += g2
+        b = pid // C
+        c = pid % C
+        base = DY + b * 4 * C + c
+        tl.store(base, 2.0 * tl.sum(s_a1, 0))  # d a1 / d y = 2
+        tl.store(base + C, tl.sum(s_b1, 0))
+        tl.store(base + 2 * C, 2.0 * tl.sum(s_a2, 0))
+        tl.store(base + 3 * C, tl.sum(s_b2, 0))
+
+
+def dyrelu_triton_fwd(x, coefficients):
+    B, C = x.shape[:2]
+    xc, y = x.contiguous(), coefficients.reshape(B, 4 * C).contiguous()
+    out = torch.empty_like(xc)
+    _dyrelu_fwd_kernel[(B * C,)](xc, y, out, C, xc[0, 0].numel(), BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
+    return out
+
+
+def dyrelu_triton_bwd(grad, x, coefficients):
+    B, C = x.shape[:2]
+    xc, y, g = x.contiguous(), coefficients.reshape(B, 4 * C).contiguous(), grad.contiguous()
+    dx = torch.empty_like(xc)
+    dy = torch.empty((B, 4 * C), device=x.device, dtype=torch.float32)
+    _dyrelu_bwd_kernel[(B * C,)](xc, y, g, dx, dy, C, xc[0, 0].numel(), BLOCK=TRITON_BLOCK,
+                                 num_warps=TRITON_NUM_WARPS)  # fmt: skip
+    return dx, dy.to(coefficients.dtype).reshape(coefficients.shape)
+
+
+@torch.library.custom_op("florence_kernels::dyrelu_triton", mutates_args=())
+def _dyrelu_triton_op(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    return dyrelu_triton_fwd(x, coefficients)
+
+
+@_dyrelu_triton_op.register_fake
+def _(x, coefficients):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("florence_kernels::dyrelu_triton_bwd", mutates_args=())
+def _dyrelu_triton_bwd_op(grad: torch.Tensor, x: torch.Tensor, coefficients: torch.Tensor) -> tuple[
+    torch.Tensor, torch.Tensor]:  # fmt: skip
+    return dyrelu_triton_bwd(grad, x, coefficients)
+
+
+@_dyrelu_triton_bwd_op.register_fake
+def _(grad, x, coefficients):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(coefficients)
+
+
+def _dyrelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _dyrelu_backward(ctx, grad):
+    x, coefficients = ctx.saved_tensors
+    return _dyrelu_triton_bwd_op(grad, x, coefficients)
+
+
+_dyrelu_triton_op.register_autograd(_dyrelu_backward, setup_context=_dyrelu_setup)
+
+
+# --- registry -------------------------------------------------------------------------------------------------------
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+DYRELU = register_op(
+    Op(
+        "dyrelu",
+        {
+            "reference": Backend("reference", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
+            "torch": Backend("torch", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
+            "triton": Backend("triton", ("cuda",), _FLOATS, (8, 0)),
+        },
+    )
+)
+SCALE_AWARE_ATTENTION = register_op(
+    Op(
+        "scale_aware_attention",
+        {
+            "reference": Backend("reference", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
+            "torch": Backend("torch", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
+        },
+    )
+)
+
+
+# --- public functions -----------------------------------------------------------------------------------------------
+
+
+def dyrelu(x: torch.Tensor, coefficients: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """DyReLU: max(a1 x + b1, a2 x + b2) per (sample, channel).
+
+    Args:
+        x: (B, C, ...) features.
+        coefficients: (B, 4C) or (B, 4C, 1, 1), the hyper-function's hard-sigmoid outputs in [0, 1], in
+            mmdetection's order (a1, b1, a2, b2); 0.5 everywhere is ReLU.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x: expected a (B, C, ...) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    B, C = x.shape[:2]
+    if not isinstance(coefficients, torch.Tensor) or coefficients.numel() != B * 4 * C or coefficients.shape[:2] != (
+        B, 4 * C):  # fmt: skip
+        got = tuple(coefficients.shape) if isinstance(coefficients, torch.Tensor) else type(coefficients).__name__
+        raise ValueError(f"coefficients: expected (B, 4C) = ({B}, {4 * C}) (or with trailing 1, 1), got {got}")
+    name = DYRELU.select([x, coefficients], backend)
+    if name == "reference":
+        return dyrelu_reference(x, coefficients)
+    if name == "triton":
+        return _dyrelu_triton_op(x, coefficients)
+    return dyrelu_torch(x, coefficients)
+
+
+def scale_aware_attention(terms, weight: torch.Tensor, bias: torch.Tensor, *, backend: str | None = None):
+    """mean_k terms[k] * hard_sigmoid(relu(weight . GAP(terms[k]) + bias)).
+
+    Args:
+        terms: non-empty list of (B, C, H, W) tensors of one shape (a level's spatial-aware terms).
+        weight: (1, C, 1, 1) or (C,), the 1x1 convolution C -> 1; bias: (1,).
+    """
+    if not isinstance(terms, (list, tuple)) or not terms:
+        raise ValueError("terms: expected a non-empty list of (B, C, H, W) tensors")
+    shape = terms[0].shape
+    for i, t in enumerate(terms):
+        if t.dim() != 4 or t.shape != shape:
+            raise ValueError(f"terms[{i}]: expected shape {tuple(shape)} (that of terms[0]), got {tuple(t.shape)}")
+    if weight.numel() != shape[1]:
+        raise ValueError(f"weight: expected {shape[1]} values (C -> 1), got shape {tuple(weight.shape)}")
+    name = SCALE_AWARE_ATTENTION.select(list(terms), backend)
+    impl = scale_aware_reference if name == "reference" else scale_aware_torch
+    return impl(list(terms), weight.reshape(-1), bias.reshape(1))
+
+
+# --- ahead-of-time compile specs ------------------------------------------------------------------------------------
+
+
+def triton_aot_specs() -> list[dict]:
+    if not HAS_TRITON:
+        return []
+    specs = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        fwd_ptrs = {"X": dtype, "Y": dtype, "OUT": dtype}
+        bwd_ptrs = {"X": dtype, "Y": dtype, "G": dtype, "DX": dtype, "DY": "fp32"}
+        for kernel, ptrs in ((_dyrelu_fwd_kernel, fwd_ptrs), (_dyrelu_bwd_kernel, bwd_ptrs)):
+            signature = {n: (f"*{ptrs[n]}" if n in ptrs else "constexpr" if n == "BLOCK" else "i32")
+                         for n in kernel.arg_names}  # fmt: skip
+            specs.append({"name": f"{kernel.__name__}[{dtype}]", "fn": kernel, "signature": signature,
+                          "constexprs": {"BLOCK": TRITON_BLOCK}, "num_warps": TRITON_NUM_WARPS})  # fmt: skip
+    return specs
