@@ -164,6 +164,7 @@ def _worker(rank, world, init, backend, u, v, labels, scale, out_dir):
         loss = fk.contrastive_loss(ul, vl, t, labels[rank * n : (rank + 1) * n], backend=backend)
         loss.backward()
         torch.save({"loss": loss.detach(), "du": ul.grad, "dv": vl.grad, "dt": t.grad}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
