@@ -24,6 +24,12 @@ TORCH_LIBRARY(florence_kernels_C, m) {
       "window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? rel_pos_bias, "
       "int[] window_size, int[] shift_size, int[] nominal_window, float scale, Tensor(a!) dq, Tensor(b!) dk, "
       "Tensor(c!) dv) -> Tensor");
+  m.def(
+      "deform_conv2d_fwd(Tensor input, Tensor offset, Tensor? mask, Tensor weight, Tensor? bias, int[] stride, "
+      "int[] padding, int[] dilation) -> Tensor");
+  m.def(
+      "deform_conv2d_bwd(Tensor grad, Tensor input, Tensor offset, Tensor? mask, Tensor weight, int[] stride, "
+      "int[] padding, int[] dilation) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -325,6 +325,13 @@ def inflate_from_2d(state_dict_2d: dict, temporal_kernel: int) -> dict:
 # --- Dynamic Head (mmdetection's DyHeadBlock semantics and parameter names) -----------------------------------------
 
 
+def _op_backend(op: str, backend: str | None) -> str | None:
+    """``backend`` where the op has it, else automatic: one module-wide choice (e.g. "cpp") over ops that differ."""
+    from ._dispatch import OPS
+
+    return backend if backend is None or backend in OPS[op].backends else None
+
+
 class _ConvAct(nn.Module):
     """A 1x1 convolution (mmcv ConvModule's ``conv``) followed by an activation."""
 
@@ -349,7 +356,7 @@ class DyReLU(nn.Module):
 
     def forward(self, x):
         coefficients = self.conv2(self.conv1(F.adaptive_avg_pool2d(x, 1)))
-        return dyrelu(x, coefficients, backend=self.backend)
+        return dyrelu(x, coefficients, backend=_op_backend("dyrelu", self.backend))
 
 
 class DyDCNv2(nn.Module):
@@ -367,7 +374,8 @@ class DyDCNv2(nn.Module):
         W = (x.shape[-1] - 1) // self.stride + 1
         # offsets (and masks) come from the middle level: sliced to this convolution's output size
         out = modulated_deform_conv2d(x, offset[..., :H, :W], mask[..., :H, :W], self.conv.weight, None,
-                                      stride=self.stride, padding=1, backend=self.backend)  # fmt: skip
+                                      stride=self.stride, padding=1,
+                                      backend=_op_backend("modulated_deform_conv2d", self.backend))  # fmt: skip
         return self.norm(out)
 
 
@@ -422,6 +430,7 @@ class DyHeadBlock(nn.Module):
 def scale_attention_terms(terms, weight, bias, backend):
     """The level's terms, each of the level's size (the stride-2 term can be one row/column larger: cropped)."""
     H, W = terms[0].shape[-2:]
+    backend = _op_backend("scale_aware_attention", backend)
     return scale_aware_attention([t[..., :H, :W] for t in terms], weight, bias, backend=backend)
 
 

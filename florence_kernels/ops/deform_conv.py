@@ -111,6 +111,53 @@ def deform_conv_torch(inp, offset, mask, weight, bias, stride, padding, dilation
     return out
 
 
+# --- cpp: florence_kernels._C (csrc/deform_conv/), tiled columns, shared bilinear code ----------------------------
+
+
+@torch.library.custom_op("florence_kernels::deform_conv2d_cpp", mutates_args=())
+def _dcn_cpp_op(
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor,
+    bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+) -> torch.Tensor:  # fmt: skip
+    return torch.ops.florence_kernels_C.deform_conv2d_fwd(input, offset, mask, weight, bias, stride, padding, dilation)
+
+
+@_dcn_cpp_op.register_fake
+def _(input, offset, mask, weight, bias, stride, padding, dilation):
+    return input.new_empty((input.shape[0], weight.shape[0], *offset.shape[2:]))
+
+
+@torch.library.custom_op("florence_kernels::deform_conv2d_cpp_bwd", mutates_args=())
+def _dcn_cpp_bwd_op(
+    grad: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor,
+    stride: list[int], padding: list[int], dilation: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return torch.ops.florence_kernels_C.deform_conv2d_bwd(grad, input, offset, mask, weight, stride, padding, dilation)
+
+
+@_dcn_cpp_bwd_op.register_fake
+def _(grad, input, offset, mask, weight, stride, padding, dilation):
+    gm = torch.empty_like(mask) if mask is not None else input.new_empty(0)
+    return torch.empty_like(input), torch.empty_like(offset), gm, torch.empty_like(weight)
+
+
+def _dcn_setup(ctx, inputs, output):
+    input, offset, mask, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, offset, mask, weight)
+    ctx.args = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _dcn_backward(ctx, grad):
+    input, offset, mask, weight = ctx.saved_tensors
+    gi, go, gm, gw = _dcn_cpp_bwd_op(grad.contiguous(), input, offset, mask, weight, *ctx.args)
+    gb = grad.sum((0, 2, 3)) if ctx.has_bias else None
+    return gi, go, (gm if mask is not None else None), gw, gb, None, None, None
+
+
+_dcn_cpp_op.register_autograd(_dcn_backward, setup_context=_dcn_setup)
+
+
 # --- registry -------------------------------------------------------------------------------------------------------
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -121,6 +168,7 @@ MODULATED_DEFORM_CONV2D = register_op(
         {
             "reference": Backend("reference", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
             "torch": Backend("torch", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
+            "cpp": Backend("cpp", ("cpu",), (*_FLOATS, torch.float64)),
         },
     )
 )
@@ -161,5 +209,11 @@ def modulated_deform_conv2d(
     if bias is not None and tuple(bias.shape) != (C_out,):
         raise ValueError(f"bias: expected shape ({C_out},), got {tuple(bias.shape)}")
     name = MODULATED_DEFORM_CONV2D.select([input, offset, weight], backend)
+    if name == "cpp":
+        args = [input, offset, mask, weight, bias]
+        if input.dtype in (torch.float16, torch.bfloat16):  # the C++ kernel computes fp16/bf16 in fp32
+            args = [t.float() if t is not None else None for t in args]
+        out = _dcn_cpp_op(*args, list(stride), list(padding), list(dilation))
+        return out.to(input.dtype)
     impl = deform_conv_reference if name == "reference" else deform_conv_torch
     return impl(input, offset, mask, weight, bias, stride, padding, dilation, G)

@@ -95,3 +95,31 @@ def test_bad_input_names_the_argument():
         fk.modulated_deform_conv2d(x, torch.zeros(1, 18, 6, 6), torch.ones(1, 8, 6, 6), w, padding=1)
     with pytest.raises(ValueError, match=r"offset: 3 offset groups do not divide the 4 input channels"):
         fk.modulated_deform_conv2d(x, torch.zeros(1, 54, 6, 6), None, w, padding=1)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="florence_kernels._C is not built")
+def test_cpp_custom_op_opcheck_and_extension_checks():
+    from florence_kernels.ops.deform_conv import _dcn_cpp_op
+
+    tensors, kw = _inputs(CASES[1])
+    x, offset, mask, weight, bias = (t.float().requires_grad_() for t in tensors)
+    args = (x, offset, mask, weight, bias, [2, 2], [1, 1], [1, 1])
+    torch.library.opcheck(_dcn_cpp_op, args, test_utils=("test_schema", "test_faketensor",
+                                                         "test_autograd_registration"))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"offset: expected \(B=1, 2 \* offset_groups \* 9"):
+        torch.ops.florence_kernels_C.deform_conv2d_fwd(x, offset[:, :5], None, weight, None, [2, 2], [1, 1], [1, 1])
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="florence_kernels._C is not built")
+def test_dyhead_block_on_cpp_matches_reference():
+    from florence_kernels.nn import DyHeadBlock
+
+    torch.manual_seed(0)
+    ref = DyHeadBlock(32, backend="reference")
+    with torch.no_grad():
+        ref.spatial_conv_offset.weight.normal_(0, 0.05)
+    blk = DyHeadBlock(32, backend="cpp")  # ops without a cpp backend choose automatically
+    blk.load_state_dict(ref.state_dict())
+    levels = [torch.randn(1, 32, 12, 10), torch.randn(1, 32, 6, 5)]
+    for a, b in zip(blk(levels), ref(levels), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
