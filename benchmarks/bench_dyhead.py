@@ -87,6 +87,7 @@ def providers(device: str) -> list[Provider]:
     return [
         _ours("reference"),
         _ours("torch"),
+        _ours("cpp"),
         Provider(
             "torchvision",
             _torchvision,
