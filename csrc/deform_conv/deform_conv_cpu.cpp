@@ -11,10 +11,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <sstream>
 #include <vector>
 
 #include "bilinear.h"
+#include "../common/format.h"
 
 namespace florence {
 namespace {
@@ -30,16 +30,10 @@ struct Dcn {
   int64_t cpog() const { return C_in / G; }       // input channels per offset group
 };
 
-std::string str(at::IntArrayRef s) {
-  std::ostringstream ss;
-  ss << s;
-  return ss.str();
-}
-
 Dcn make_dcn(const at::Tensor& input, const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
              const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(input.dim() == 4, "input: expected (B, C_in, H, W), got ", str(input.sizes()));
-  TORCH_CHECK(weight.dim() == 4, "weight: expected (C_out, C_in / groups, kh, kw), got ", str(weight.sizes()));
+  TORCH_CHECK(input.dim() == 4, "input: expected (B, C_in, H, W), got ", sizes_str(input.sizes()));
+  TORCH_CHECK(weight.dim() == 4, "weight: expected (C_out, C_in / groups, kh, kw), got ", sizes_str(weight.sizes()));
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "stride, padding, dilation: expected 2 values each");
   Dcn d;
@@ -56,7 +50,7 @@ Dcn make_dcn(const at::Tensor& input, const at::Tensor& offset, const c10::optio
   d.pw = padding[1];
   d.dh = dilation[0];
   d.dw = dilation[1];
-  TORCH_CHECK(weight.size(1) > 0 && d.C_in % weight.size(1) == 0, "weight: ", str(weight.sizes()),
+  TORCH_CHECK(weight.size(1) > 0 && d.C_in % weight.size(1) == 0, "weight: ", sizes_str(weight.sizes()),
               " does not divide the ", d.C_in, " input channels into groups");
   d.groups = d.C_in / weight.size(1);
   TORCH_CHECK(d.C_out % d.groups == 0, "weight: C_out ", d.C_out, " is not divisible by groups ", d.groups);
@@ -65,13 +59,13 @@ Dcn make_dcn(const at::Tensor& input, const at::Tensor& offset, const c10::optio
   TORCH_CHECK(offset.dim() == 4 && offset.size(0) == d.B && offset.size(1) % (2 * d.K()) == 0 &&
                   offset.size(2) == d.Ho && offset.size(3) == d.Wo,
               "offset: expected (B=", d.B, ", 2 * offset_groups * ", d.K(), ", ", d.Ho, ", ", d.Wo, "), got ",
-              str(offset.sizes()));
+              sizes_str(offset.sizes()));
   d.G = offset.size(1) / (2 * d.K());
   TORCH_CHECK(d.G > 0 && d.C_in % d.G == 0, "offset: ", d.G, " offset groups do not divide the ", d.C_in,
               " input channels");
   if (mask.has_value() && mask->defined()) {
     TORCH_CHECK(mask->sizes() == at::IntArrayRef({d.B, d.G * d.K(), d.Ho, d.Wo}), "mask: expected shape [", d.B,
-                ", ", d.G * d.K(), ", ", d.Ho, ", ", d.Wo, "], got ", str(mask->sizes()));
+                ", ", d.G * d.K(), ", ", d.Ho, ", ", d.Wo, "], got ", sizes_str(mask->sizes()));
   }
   for (const auto* t : {&input, &offset, &weight}) {
     TORCH_CHECK(t->device().is_cpu(), "modulated_deform_conv2d (cpp): expected CPU tensors, got ", t->device());
@@ -177,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcn_backward(
     at::IntArrayRef dilation) {
   const Dcn d = make_dcn(input_, offset_, mask_, weight_, stride, padding, dilation);
   TORCH_CHECK(grad_.sizes() == at::IntArrayRef({d.B, d.C_out, d.Ho, d.Wo}), "grad: expected shape [", d.B, ", ",
-              d.C_out, ", ", d.Ho, ", ", d.Wo, "], got ", str(grad_.sizes()));
+              d.C_out, ", ", d.Ho, ", ", d.Wo, "], got ", sizes_str(grad_.sizes()));
   const auto input = input_.contiguous(), offset = offset_.contiguous(), weight = weight_.contiguous();
   const auto grad = grad_.contiguous().view({d.B, d.C_out, d.P()});
   const bool has_mask = mask_.has_value() && mask_->defined();

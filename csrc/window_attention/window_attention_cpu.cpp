@@ -18,10 +18,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <sstream>
 #include <vector>
 
 #include "window_attention_geometry.h"
+#include "../common/format.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FK_CPU_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
@@ -41,12 +41,6 @@ constexpr float kShiftMask = -100.0f;  // Swin's additive mask between shift reg
 constexpr int64_t kRowPad = 16;       // scratch rows/columns are padded to this (the micro-kernel's tile width)
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-std::string sizes_str(at::IntArrayRef sizes) {
-  std::ostringstream ss;
-  ss << sizes;
-  return ss.str();
-}
 
 // --- fp32 micro-GEMM ------------------------------------------------------------------------------------------------
 

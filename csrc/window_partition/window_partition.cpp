@@ -1,23 +1,18 @@
 // Window partition / reverse: input validation, dispatch to devices, and the C++ CPU implementation.
 #include "window_partition.h"
 
+#include "../common/format.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstring>
-#include <sstream>
 #include <utility>
 #include <vector>
 
 namespace florence {
 
 namespace {
-
-std::string sizes_str(at::IntArrayRef sizes) {
-  std::ostringstream ss;
-  ss << sizes;
-  return ss.str();
-}
 
 void check_window_args(at::IntArrayRef window_size, at::IntArrayRef shift_size) {
   TORCH_CHECK(window_size.size() == 3, "window_size: expected 3 values (Wt, Wh, Ww), got ", sizes_str(window_size));
