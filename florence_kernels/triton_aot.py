@@ -20,6 +20,21 @@ import time
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
+def kernel_spec(name: str, kernel, constexprs: dict, pointers: dict, num_warps: int, scalars: dict | None = None):
+    """One entry for :func:`all_specs`: arguments in ``constexprs`` are compile-time constants, those in ``pointers``
+    map to their element type (``"fp32"`` -> ``*fp32``), those in ``scalars`` to their type; the rest are i32."""
+    scalars = scalars or {}
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in pointers:
+            signature[arg] = f"*{pointers[arg]}"
+        else:
+            signature[arg] = scalars.get(arg, "i32")
+    return {"name": name, "fn": kernel, "signature": signature, "constexprs": constexprs, "num_warps": num_warps}
+
+
 def all_specs() -> list[dict]:
     from .ops import contrastive_loss, conv_embed, dyhead, window_attention, window_partition
 

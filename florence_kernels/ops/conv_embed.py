@@ -372,30 +372,21 @@ def conv_embed(
 
 # --- ahead-of-time compile specs ------------------------------------------------------------------------------------
 
-_POINTERS = {"X", "Wt", "BIAS", "NW", "NB", "OUT", "XHAT", "RSTD"}
-
 
 def triton_aot_specs() -> list[dict]:
-    """Every block the launcher can pick (C_out up to TRITON_MAX_COUT), with and without bias / LayerNorm affine."""
+    """Every block the launcher can pick (C_out up to TRITON_MAX_COUT), with bias and LayerNorm affine."""
     if not HAS_TRITON:
         return []
+    from ..triton_aot import kernel_spec
+
     specs = []
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for dtype in ("fp32", "fp16", "bf16"):
+        pointers = dict.fromkeys(("X", "Wt", "BIAS", "NW", "NB", "OUT", "XHAT"), dtype) | {"RSTD": "fp32"}
         for c_out in [16 * 2**k for k in range(6) if 16 * 2**k <= TRITON_MAX_COUT]:
             cfg = triton_conv_embed_config(c_out, torch_dtypes[dtype])
             constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")}
             constexprs |= {"UPCAST": False, "HAS_BIAS": True, "HAS_NW": True, "HAS_NB": True}
-            signature = {}
-            for name in _conv_embed_kernel.arg_names:
-                if name in constexprs:
-                    signature[name] = "constexpr"
-                elif name in _POINTERS:
-                    signature[name] = "*fp32" if name == "RSTD" else f"*{dtype}"
-                elif name == "eps":
-                    signature[name] = "fp32"
-                else:
-                    signature[name] = "i32"
-            specs.append({"name": f"_conv_embed_kernel[{dtype},C_out={c_out}]", "fn": _conv_embed_kernel,
-                          "signature": signature, "constexprs": constexprs, "num_warps": cfg["num_warps"]})  # fmt: skip
+            specs.append(kernel_spec(f"_conv_embed_kernel[{dtype},C_out={c_out}]", _conv_embed_kernel, constexprs,
+                                     pointers, cfg["num_warps"], scalars={"eps": "fp32"}))  # fmt: skip
     return specs

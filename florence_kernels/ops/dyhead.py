@@ -264,13 +264,13 @@ def scale_aware_attention(terms, weight: torch.Tensor, bias: torch.Tensor, *, ba
 def triton_aot_specs() -> list[dict]:
     if not HAS_TRITON:
         return []
+    from ..triton_aot import kernel_spec
+
     specs = []
     for dtype in ("fp32", "fp16", "bf16"):
-        fwd_ptrs = {"X": dtype, "Y": dtype, "OUT": dtype}
-        bwd_ptrs = {"X": dtype, "Y": dtype, "G": dtype, "DX": dtype, "DY": "fp32"}
-        for kernel, ptrs in ((_dyrelu_fwd_kernel, fwd_ptrs), (_dyrelu_bwd_kernel, bwd_ptrs)):
-            signature = {n: (f"*{ptrs[n]}" if n in ptrs else "constexpr" if n == "BLOCK" else "i32")
-                         for n in kernel.arg_names}  # fmt: skip
-            specs.append({"name": f"{kernel.__name__}[{dtype}]", "fn": kernel, "signature": signature,
-                          "constexprs": {"BLOCK": TRITON_BLOCK}, "num_warps": TRITON_NUM_WARPS})  # fmt: skip
+        fwd = {"X": dtype, "Y": dtype, "OUT": dtype}
+        bwd = {"X": dtype, "Y": dtype, "G": dtype, "DX": dtype, "DY": "fp32"}
+        for kernel, pointers in ((_dyrelu_fwd_kernel, fwd), (_dyrelu_bwd_kernel, bwd)):
+            specs.append(kernel_spec(f"{kernel.__name__}[{dtype}]", kernel, {"BLOCK": TRITON_BLOCK}, pointers,
+                                     TRITON_NUM_WARPS))  # fmt: skip
     return specs

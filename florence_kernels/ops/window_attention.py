@@ -770,34 +770,23 @@ def window_attention(
 # --- ahead-of-time compile specs ------------------------------------------------------------------------------------
 
 
-_POINTER_ARGS = {"Q", "K", "V", "Out", "LSE", "BIAS", "DO", "DQ", "DK", "DV", "DELTA", "DBIAS"}
-
-
 def triton_aot_specs() -> list[dict]:
     if not HAS_TRITON:
         return []
+    from ..triton_aot import kernel_spec
+
     specs = []
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for dtype in ("fp32", "fp16", "bf16"):
+        pointers = dict.fromkeys(("Q", "K", "V", "Out", "BIAS", "DO", "DQ", "DK", "DV"), dtype)
+        pointers |= dict.fromkeys(("LSE", "DELTA", "DBIAS"), "fp32")
         for hd in TRITON_HEAD_DIMS:
             # exactly the blocks the launcher can pick for this dtype and head dim (one small N, one large)
             for block in sorted({_triton_block(n, hd, torch_dtypes[dtype]) for n in (16, 1024)}):
                 cfg = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": hd, "IEEE": dtype == "fp32", "UPCAST": False}
                 for kernel, extra in ((_wattn_fwd_kernel, {}), (_wattn_bwd_kernel, {"KV_PASS": True}),
                                       (_wattn_bwd_kernel, {"KV_PASS": False})):  # fmt: skip
-                    constexprs = {**extra, **cfg}
-                    signature = {}
-                    for name in kernel.arg_names:
-                        if name in constexprs:
-                            signature[name] = "constexpr"
-                        elif name in _POINTER_ARGS:
-                            ptr_dtype = "fp32" if name in ("LSE", "DELTA", "DBIAS") else dtype
-                            signature[name] = f"*{ptr_dtype}"
-                        elif name == "scale":
-                            signature[name] = "fp32"
-                        else:
-                            signature[name] = "i32"
                     tag = kernel.__name__ + (f"[kv={extra['KV_PASS']}]" if extra else "")
-                    specs.append({"name": f"{tag}[{dtype},B={block},D={hd}]", "fn": kernel, "signature": signature,
-                                  "constexprs": constexprs, "num_warps": TRITON_NUM_WARPS})  # fmt: skip
+                    specs.append(kernel_spec(f"{tag}[{dtype},B={block},D={hd}]", kernel, {**extra, **cfg}, pointers,
+                                             TRITON_NUM_WARPS, scalars={"scale": "fp32"}))  # fmt: skip
     return specs
