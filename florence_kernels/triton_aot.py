@@ -36,13 +36,14 @@ def kernel_spec(name: str, kernel, constexprs: dict, pointers: dict, num_warps: 
 
 
 def all_specs() -> list[dict]:
-    from .ops import contrastive_loss, conv_embed, dyhead, window_attention, window_partition
+    from .ops import contrastive_loss, conv_embed, deform_conv, dyhead, window_attention, window_partition
 
     return (
         window_partition.triton_aot_specs()
         + window_attention.triton_aot_specs()
         + contrastive_loss.triton_aot_specs()
         + conv_embed.triton_aot_specs()
+        + deform_conv.triton_aot_specs()
         + dyhead.triton_aot_specs()
     )
 

@@ -13,87 +13,16 @@
 #include <algorithm>
 #include <vector>
 
-#include "bilinear.h"
-#include "../common/format.h"
+#include "deform_conv_shape.h"
 
 namespace florence {
 namespace {
 
 constexpr int64_t kTileBytes = 4 << 20;
 
-struct Dcn {
-  int64_t B, C_in, H, W, C_out, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, G, groups;
-  int64_t K() const { return kh * kw; }
-  int64_t P() const { return Ho * Wo; }
-  int64_t cpg() const { return C_in / groups; }   // input channels per convolution group
-  int64_t copg() const { return C_out / groups; }  // output channels per convolution group
-  int64_t cpog() const { return C_in / G; }       // input channels per offset group
-};
-
-Dcn make_dcn(const at::Tensor& input, const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
-             const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(input.dim() == 4, "input: expected (B, C_in, H, W), got ", sizes_str(input.sizes()));
-  TORCH_CHECK(weight.dim() == 4, "weight: expected (C_out, C_in / groups, kh, kw), got ", sizes_str(weight.sizes()));
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "stride, padding, dilation: expected 2 values each");
-  Dcn d;
-  d.B = input.size(0);
-  d.C_in = input.size(1);
-  d.H = input.size(2);
-  d.W = input.size(3);
-  d.C_out = weight.size(0);
-  d.kh = weight.size(2);
-  d.kw = weight.size(3);
-  d.sh = stride[0];
-  d.sw = stride[1];
-  d.ph = padding[0];
-  d.pw = padding[1];
-  d.dh = dilation[0];
-  d.dw = dilation[1];
-  TORCH_CHECK(weight.size(1) > 0 && d.C_in % weight.size(1) == 0, "weight: ", sizes_str(weight.sizes()),
-              " does not divide the ", d.C_in, " input channels into groups");
-  d.groups = d.C_in / weight.size(1);
-  TORCH_CHECK(d.C_out % d.groups == 0, "weight: C_out ", d.C_out, " is not divisible by groups ", d.groups);
-  d.Ho = (d.H + 2 * d.ph - d.dh * (d.kh - 1) - 1) / d.sh + 1;
-  d.Wo = (d.W + 2 * d.pw - d.dw * (d.kw - 1) - 1) / d.sw + 1;
-  TORCH_CHECK(offset.dim() == 4 && offset.size(0) == d.B && offset.size(1) % (2 * d.K()) == 0 &&
-                  offset.size(2) == d.Ho && offset.size(3) == d.Wo,
-              "offset: expected (B=", d.B, ", 2 * offset_groups * ", d.K(), ", ", d.Ho, ", ", d.Wo, "), got ",
-              sizes_str(offset.sizes()));
-  d.G = offset.size(1) / (2 * d.K());
-  TORCH_CHECK(d.G > 0 && d.C_in % d.G == 0, "offset: ", d.G, " offset groups do not divide the ", d.C_in,
-              " input channels");
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->sizes() == at::IntArrayRef({d.B, d.G * d.K(), d.Ho, d.Wo}), "mask: expected shape [", d.B,
-                ", ", d.G * d.K(), ", ", d.Ho, ", ", d.Wo, "], got ", sizes_str(mask->sizes()));
-  }
-  for (const auto* t : {&input, &offset, &weight}) {
-    TORCH_CHECK(t->device().is_cpu(), "modulated_deform_conv2d (cpp): expected CPU tensors, got ", t->device());
-    TORCH_CHECK(t->scalar_type() == input.scalar_type(), "offset, weight: expected dtype ", input.scalar_type());
-  }
-  return d;
-}
-
 int64_t tile_positions(const Dcn& d, int64_t element_size) {
   const int64_t per_position = d.C_in * d.K() * element_size;
   return std::max<int64_t>(16, std::min(d.P(), kTileBytes / std::max<int64_t>(per_position, 1)));
-}
-
-// Sampling point of tap k of offset group g at output position p (flattened), sample b.
-template <typename T>
-BilinearTaps<T> taps_at(const Dcn& d, const T* off, int64_t b, int64_t g, int64_t k, int64_t p) {
-  const int64_t ho = p / d.Wo, wo = p % d.Wo, i = k / d.kw, j = k % d.kw;
-  const int64_t ch = 2 * (g * d.K() + k);
-  const T oy = off[((b * 2 * d.G * d.K() + ch) * d.P()) + p];
-  const T ox = off[((b * 2 * d.G * d.K() + ch + 1) * d.P()) + p];
-  const T y = static_cast<T>(ho * d.sh - d.ph + i * d.dh) + oy;
-  const T x = static_cast<T>(wo * d.sw - d.pw + j * d.dw) + ox;
-  return bilinear_taps<T>(d.H, d.W, y, x);
-}
-
-template <typename T>
-T mask_at(const Dcn& d, const T* mask, int64_t b, int64_t g, int64_t k, int64_t p) {
-  return mask == nullptr ? T(1) : mask[((b * d.G * d.K() + g * d.K() + k) * d.P()) + p];
 }
 
 // The sampling taps and mask values of every (offset group, tap, position) of a tile, computed once and shared by
@@ -139,7 +68,8 @@ void build_columns(const Dcn& d, const T* in, const TileTaps<T>& tt, int64_t b, 
 at::Tensor dcn_forward(const at::Tensor& input_, const at::Tensor& offset_, const c10::optional<at::Tensor>& mask_,
                        const at::Tensor& weight_, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const Dcn d = make_dcn(input_, offset_, mask_, weight_, stride, padding, dilation);
+  const Dcn d = make_dcn(input_, offset_, mask_, weight_, stride, padding, dilation, c10::DeviceType::CPU,
+                         "modulated_deform_conv2d (cpp)");
   const auto input = input_.contiguous(), offset = offset_.contiguous(), weight = weight_.contiguous();
   const bool has_mask = mask_.has_value() && mask_->defined();
   const auto mask = has_mask ? mask_->contiguous() : at::Tensor();
@@ -169,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcn_backward(
     const at::Tensor& grad_, const at::Tensor& input_, const at::Tensor& offset_,
     const c10::optional<at::Tensor>& mask_, const at::Tensor& weight_, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation) {
-  const Dcn d = make_dcn(input_, offset_, mask_, weight_, stride, padding, dilation);
+  const Dcn d = make_dcn(input_, offset_, mask_, weight_, stride, padding, dilation, c10::DeviceType::CPU,
+                         "modulated_deform_conv2d (cpp)");
   TORCH_CHECK(grad_.sizes() == at::IntArrayRef({d.B, d.C_out, d.Ho, d.Wo}), "grad: expected shape [", d.B, ", ",
               d.C_out, ", ", d.Ho, ", ", d.Wo, "], got ", sizes_str(grad_.sizes()));
   const auto input = input_.contiguous(), offset = offset_.contiguous(), weight = weight_.contiguous();

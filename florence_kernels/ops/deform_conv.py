@@ -10,8 +10,12 @@ layouts of ``torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, 
 - a tap samples input at (ho s_h - p_h + i d_h + dy, wo s_w - p_w + j d_w + dx) bilinearly; a point with
   y <= -1, y >= H, x <= -1 or x >= W reads 0, and corners outside the image count as 0.
 
-Read top to bottom: argument checks, the literal reference, the grid_sample path, the registry, the public
-function.
+Backends: reference (the four corners written out), torch (grid_sample, any device), cpp and cuda (the extension
+florence_kernels._C: csrc/deform_conv/, one shared ``__host__ __device__`` sampling code), triton (implicit GEMM
+with the bilinear sampling in the operand loader; its backward is the torch path's, recomputed).
+
+Read top to bottom: argument checks, the literal reference, the grid_sample path, the extension op, the Triton
+kernel, the registry, the public function.
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _env
 from .._dispatch import Backend, Op, register_op
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    HAS_TRITON = False
 
 
 def _pair(name, v):
@@ -111,7 +124,8 @@ def deform_conv_torch(inp, offset, mask, weight, bias, stride, padding, dilation
     return out
 
 
-# --- cpp: florence_kernels._C (csrc/deform_conv/), tiled columns, shared bilinear code ----------------------------
+# --- cpp and cuda: florence_kernels._C (csrc/deform_conv/), tiled columns, shared bilinear code -------------------
+# One custom op for both: the dispatcher picks deform_conv_cpu.cpp or deform_conv_cuda.cu by the input's device.
 
 
 @torch.library.custom_op("florence_kernels::deform_conv2d_cpp", mutates_args=())
@@ -158,6 +172,142 @@ def _dcn_backward(ctx, grad):
 _dcn_cpp_op.register_autograd(_dcn_backward, setup_context=_dcn_setup)
 
 
+# --- triton: implicit GEMM, bilinear sampling in the operand loader -------------------------------------------------
+# One program = BLOCK_P output positions (flattened over the batch) x BLOCK_O output channels of one convolution
+# group. The reduction walks taps k and BLOCK_C-channel slices of the group: the A operand (BLOCK_P, BLOCK_C) is
+# sampled on the fly (offsets and mask read per position and the channel's offset group, four corner gathers, zero
+# outside the image, mask applied in fp32) and never written to memory; the B operand is the weight reordered to
+# (K, C_in / groups, C_out). Accumulation in fp32. The backward recomputes through the torch path (grid_sample),
+# whose autograd gives all five gradients.
+
+TRITON_BLOCK_P = 64
+TRITON_BLOCK_C = 32
+TRITON_NUM_WARPS = 4
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dcn_fwd_kernel(
+        X, OFF, MASK, Wt, BIAS, OUT,
+        B, C_in, H, W, Ho, Wo, C_out, cpg, copg, cpog, G, kw, sh, sw, ph, pw, dh, dw,
+        KK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        """OUT[b, gr copg + o, p] = sum_{k, c} Wt[k, c, gr copg + o] * mask * bilinear(X[b, gr cpg + c], tap k at p)."""
+        P = Ho * Wo
+        n_ob = tl.cdiv(copg, BLOCK_O)
+        gr = tl.program_id(1) // n_ob
+        o = (tl.program_id(1) % n_ob) * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = o < copg
+        co = gr * copg + o
+        r = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        r_ok = r < B * P
+        b = (r // P).to(tl.int64)
+        p = r % P
+        ho = p // Wo
+        wo = p % Wo
+        acc = tl.zeros((BLOCK_P, BLOCK_O), tl.float32)
+        for k in range(KK):
+            y_base = (ho * sh - ph + (k // kw) * dh).to(tl.float32)
+            x_base = (wo * sw - pw + (k % kw) * dw).to(tl.float32)
+            for c0 in range(0, cpg, BLOCK_C):
+                cl = c0 + tl.arange(0, BLOCK_C)
+                c_ok = cl < cpg
+                c = gr * cpg + cl
+                og = c // cpog
+                ok = r_ok[:, None] & c_ok[None, :]
+                off_y = (b[:, None] * 2 * G * KK + 2 * (og[None, :] * KK + k)) * P + p[:, None]
+                y = y_base[:, None] + tl.load(OFF + off_y, mask=ok, other=0.0).to(tl.float32)
+                x = x_base[:, None] + tl.load(OFF + off_y + P, mask=ok, other=0.0).to(tl.float32)
+                inside = ok & (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
+                y0f = tl.floor(y)
+                x0f = tl.floor(x)
+                ly = y - y0f
+                lx = x - x0f
+                y0 = y0f.to(tl.int32)
+                x0 = x0f.to(tl.int32)
+                plane = X + (b[:, None] * C_in + c[None, :]) * H * W
+                in_y0 = inside & (y0 >= 0)
+                in_y1 = inside & (y0 + 1 <= H - 1)
+                in_x0 = x0 >= 0
+                in_x1 = x0 + 1 <= W - 1
+                v = tl.load(plane + y0 * W + x0, mask=in_y0 & in_x0, other=0.0).to(tl.float32) * (1 - ly) * (1 - lx)
+                v += tl.load(plane + y0 * W + x0 + 1, mask=in_y0 & in_x1, other=0.0).to(tl.float32) * (1 - ly) * lx
+                v += tl.load(plane + (y0 + 1) * W + x0, mask=in_y1 & in_x0, other=0.0).to(tl.float32) * ly * (1 - lx)
+                v += tl.load(plane + (y0 + 1) * W + x0 + 1, mask=in_y1 & in_x1, other=0.0).to(tl.float32) * ly * lx
+                if HAS_MASK:
+                    m_idx = (b[:, None] * G * KK + og[None, :] * KK + k) * P + p[:, None]
+                    v = v * tl.load(MASK + m_idx, mask=ok, other=0.0).to(tl.float32)
+                wt = tl.load(Wt + (k * cpg + cl[:, None]) * C_out + co[None, :], mask=c_ok[:, None] & o_ok[None, :],
+                             other=0.0)  # fmt: skip
+                if UPCAST:  # the interpreter's bf16 dot is wrong: compute in fp32 there
+                    a = v
+                    wt = wt.to(tl.float32)
+                else:
+                    a = v.to(Wt.dtype.element_ty)
+                if IEEE:
+                    acc += tl.dot(a, wt, input_precision="ieee")
+                else:
+                    acc += tl.dot(a, wt)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + co, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        out_idx = (b[:, None] * C_out + co[None, :]) * P + p[:, None]
+        tl.store(OUT + out_idx, acc, mask=r_ok[:, None] & o_ok[None, :])
+
+
+def triton_dcn_config(copg: int, dtype: torch.dtype) -> dict:
+    return {"BLOCK_P": TRITON_BLOCK_P, "BLOCK_O": min(128, max(16, triton.next_power_of_2(copg))),
+            "BLOCK_C": TRITON_BLOCK_C, "IEEE": dtype == torch.float32,
+            "UPCAST": _env.TRITON_INTERPRET and dtype == torch.bfloat16, "num_warps": TRITON_NUM_WARPS}  # fmt: skip
+
+
+def deform_conv_triton_fwd(inp, offset, mask, weight, bias, stride, padding, dilation, G):
+    inp, offset, weight = inp.contiguous(), offset.contiguous(), weight.contiguous()
+    mask = mask.contiguous() if mask is not None else None
+    B, C_in, H, W = inp.shape
+    C_out, cpg, kh, kw = weight.shape
+    K = kh * kw
+    Ho, Wo = offset.shape[-2:]
+    groups = C_in // cpg
+    copg = C_out // groups
+    wt = weight.permute(2, 3, 1, 0).reshape(K, cpg, C_out).contiguous()
+    out = torch.empty((B, C_out, Ho, Wo), device=inp.device, dtype=inp.dtype)
+    cfg = triton_dcn_config(copg, inp.dtype)
+    grid = (triton.cdiv(B * Ho * Wo, cfg["BLOCK_P"]), groups * triton.cdiv(copg, cfg["BLOCK_O"]))
+    _dcn_fwd_kernel[grid](
+        inp, offset, mask if mask is not None else offset, wt, bias if bias is not None else wt, out,
+        B, C_in, H, W, Ho, Wo, C_out, cpg, copg, C_in // G, G, kw, *stride, *padding, *dilation,
+        KK=K, HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BLOCK_P=cfg["BLOCK_P"], BLOCK_O=cfg["BLOCK_O"],
+        BLOCK_C=cfg["BLOCK_C"], IEEE=cfg["IEEE"], UPCAST=cfg["UPCAST"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+class _DcnTriton(torch.autograd.Function):
+    """Forward: the Triton kernel. Backward: the torch path recomputed under autograd (grid_sample's fused kernels
+    for the input and offset gradients, GEMMs for the weight and column gradients)."""
+
+    @staticmethod
+    def forward(ctx, inp, offset, mask, weight, bias, stride, padding, dilation, G):
+        ctx.save_for_backward(inp, offset, mask, weight, bias)
+        ctx.args = (stride, padding, dilation, G)
+        return deform_conv_triton_fwd(inp, offset, mask, weight, bias, stride, padding, dilation, G)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
+        with torch.enable_grad():
+            leaves = [
+                t.detach().requires_grad_(n) if t is not None else None for t, n in zip(saved, needs, strict=True)
+            ]
+            out = deform_conv_torch(*leaves, *ctx.args)
+            wanted = [t for t, n in zip(leaves, needs, strict=True) if t is not None and n]
+            got = iter(torch.autograd.grad(out, wanted, grad)) if wanted else iter(())
+        grads = [next(got) if t is not None and n else None for t, n in zip(leaves, needs, strict=True)]
+        return (*grads, None, None, None, None)
+
+
 # --- registry -------------------------------------------------------------------------------------------------------
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -169,6 +319,8 @@ MODULATED_DEFORM_CONV2D = register_op(
             "reference": Backend("reference", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
             "torch": Backend("torch", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
             "cpp": Backend("cpp", ("cpu",), (*_FLOATS, torch.float64)),
+            "cuda": Backend("cuda", ("cuda",), (*_FLOATS, torch.float64)),
+            "triton": Backend("triton", ("cuda",), _FLOATS, (8, 0)),
         },
     )
 )
@@ -209,11 +361,35 @@ def modulated_deform_conv2d(
     if bias is not None and tuple(bias.shape) != (C_out,):
         raise ValueError(f"bias: expected shape ({C_out},), got {tuple(bias.shape)}")
     name = MODULATED_DEFORM_CONV2D.select([input, offset, weight], backend)
-    if name == "cpp":
+    if name == "triton":
+        return _DcnTriton.apply(input, offset, mask, weight, bias, stride, padding, dilation, G)
+    if name in ("cpp", "cuda"):
         args = [input, offset, mask, weight, bias]
-        if input.dtype in (torch.float16, torch.bfloat16):  # the C++ kernel computes fp16/bf16 in fp32
+        if input.dtype in (torch.float16, torch.bfloat16):  # the extension computes fp16/bf16 in fp32
             args = [t.float() if t is not None else None for t in args]
         out = _dcn_cpp_op(*args, list(stride), list(padding), list(dilation))
         return out.to(input.dtype)
     impl = deform_conv_reference if name == "reference" else deform_conv_torch
     return impl(input, offset, mask, weight, bias, stride, padding, dilation, G)
+
+
+# --- ahead-of-time compile specs ------------------------------------------------------------------------------------
+
+
+def triton_aot_specs() -> list[dict]:
+    """The forward kernel at every BLOCK_O the launcher picks, 3x3 taps (DyHead), with mask and bias."""
+    if not HAS_TRITON:
+        return []
+    from ..triton_aot import kernel_spec
+
+    specs = []
+    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for dtype in ("fp32", "fp16", "bf16"):
+        pointers = dict.fromkeys(("X", "OFF", "MASK", "Wt", "BIAS", "OUT"), dtype)
+        for block_o in (16, 32, 64, 128):
+            cfg = triton_dcn_config(block_o, torch_dtypes[dtype])
+            constexprs = {k: cfg[k] for k in ("BLOCK_P", "BLOCK_O", "BLOCK_C", "IEEE")}
+            constexprs |= {"UPCAST": False, "KK": 9, "HAS_MASK": True, "HAS_BIAS": True}
+            specs.append(kernel_spec(f"_dcn_fwd_kernel[{dtype},BLOCK_O={block_o}]", _dcn_fwd_kernel, constexprs,
+                                     pointers, cfg["num_warps"]))  # fmt: skip
+    return specs
