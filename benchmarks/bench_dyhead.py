@@ -1,5 +1,7 @@
 """Dynamic Head: the modulated deformable convolution at FPN levels of an 800x1333 image (256 channels) against
-torchvision.ops.deform_conv2d, and one DyHeadBlock on the P3-P7 pyramid, forward / backward / full.
+torchvision.ops.deform_conv2d; one level's scale- and task-aware steps (three terms: the literal modules on the
+reference provider, the one-pass scale_task_attention on the others); and one DyHeadBlock on the P3-P7 pyramid,
+forward / backward / full.
 
     python -m benchmarks.bench_dyhead [--quick] [--device cpu|cuda] [--dtype fp32|bf16]
 """
@@ -38,6 +40,16 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
         flops = 2.0 * B * H * W * C * C * 9
         params = {"what": "deform conv", "level": lvl, "shape": f"{B}x{C}x{H}x{W}"}
         out.append(Case(f"dcn_{lvl}_b{B}", params, make_dcn, flops=lambda mode, f=flops: f * PER_MODE[mode]))
+    lvl = "P5" if quick else ("P4" if device == "cpu" else "P3")
+    H, W = LEVELS[lvl]
+
+    def make_level(device, dtype, H=H, W=W):
+        g = torch.Generator(device=device).manual_seed(1)
+        terms = [torch.randn(2, C, H, W, device=device, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+        return ("level", *terms)
+
+    out.append(Case(f"scale_task_{lvl}_b2", {"what": "scale+task attention", "level": lvl, "shape": f"2x{C}x{H}x{W}"},
+                    make_level))  # fmt: skip
     if not quick:
         pyramid = list(LEVELS.values()) if device == "cuda" else list(LEVELS.values())[1:]
 
@@ -68,6 +80,14 @@ def _ours(backend):
         if kind == "dcn":
             x, off, mask, w = args
             return fk.modulated_deform_conv2d(x, off, mask, w, None, padding=1, backend=backend)
+        if kind == "level":
+            from florence_kernels.nn import scale_attention_terms
+
+            blk = _block(backend, args[0].device.type, args[0].dtype)
+            conv = blk.scale_attn_module[1]
+            if backend == "reference":
+                return blk.task_attn_module(scale_attention_terms(list(args), conv.weight, conv.bias, backend))
+            return blk._fused_level(list(args), conv)
         outs = _block(backend, args[0].device.type, args[0].dtype)(list(args))
         return torch.cat([o.flatten() for o in outs])
 
@@ -88,6 +108,8 @@ def providers(device: str) -> list[Provider]:
         _ours("reference"),
         _ours("torch"),
         _ours("cpp"),
+        _ours("cuda"),
+        _ours("triton"),
         Provider(
             "torchvision",
             _torchvision,

@@ -10,7 +10,7 @@ from ._dispatch import BACKEND_NAMES, OPS, Backend, BackendNotSupportedError, Op
 from .ops.contrastive_loss import contrastive_loss
 from .ops.conv_embed import conv_embed
 from .ops.deform_conv import modulated_deform_conv2d
-from .ops.dyhead import dyrelu, scale_aware_attention
+from .ops.dyhead import dyrelu, scale_aware_attention, scale_task_attention
 from .ops.window_attention import window_attention
 from .ops.window_partition import window_partition, window_reverse
 
@@ -25,6 +25,7 @@ __all__ = [
     "contrastive_loss",
     "dyrelu",
     "scale_aware_attention",
+    "scale_task_attention",
     "conv_embed",
     "modulated_deform_conv2d",
     "window_attention",

@@ -16,7 +16,7 @@ from torch import nn
 from .ops.contrastive_loss import contrastive_loss
 from .ops.conv_embed import conv_embed
 from .ops.deform_conv import modulated_deform_conv2d
-from .ops.dyhead import dyrelu, hard_sigmoid, scale_aware_attention
+from .ops.dyhead import dyrelu, hard_sigmoid, scale_aware_attention, scale_task_attention
 from .ops.window_attention import (
     WINDOW_ATTENTION,
     _wattn_cpp_packed_fwd_op,
@@ -422,9 +422,27 @@ class DyHeadBlock(nn.Module):
             if level < len(x) - 1:
                 high = self.spatial_conv_high(x[level + 1], offset, mask)
                 terms.append(F.interpolate(high, size=x[level].shape[-2:], mode="bilinear", align_corners=True))
-            fused = scale_attention_terms(terms, conv.weight, conv.bias, self.backend)
-            outs.append(self.task_attn_module(fused))
+            if self.backend == "reference":  # the literal modules, as mmdetection runs them
+                fused = scale_attention_terms(terms, conv.weight, conv.bias, self.backend)
+                outs.append(self.task_attn_module(fused))
+            else:
+                outs.append(self._fused_level(terms, conv))
         return outs
+
+    def _fused_level(self, terms, conv):
+        """Scale- and task-aware steps in one pass over the terms: pi and DyReLU's coefficients need only the terms'
+        pooled means (the mean of the weighted sum is the weighted sum of the means)."""
+        H, W = terms[0].shape[-2:]
+        terms = [t[..., :H, :W] for t in terms]
+        dt = terms[0].dtype
+        acc = torch.promote_types(dt, torch.float32)  # the small reductions in fp32 at least
+        pooled = torch.stack([t.to(acc).mean(dim=(2, 3)) for t in terms], 1)  # (B, n, C)
+        pi = hard_sigmoid(F.relu(pooled @ conv.weight.reshape(-1, 1).to(acc) + conv.bias.to(acc))).squeeze(-1)
+        pooled_fused = (pi.unsqueeze(-1) * pooled).mean(1)  # (B, C): GAP of the scale-aware combination
+        task = self.task_attn_module
+        coefficients = task.conv2(task.conv1(pooled_fused.to(dt)[..., None, None]))
+        backend = _op_backend("scale_task_attention", self.backend)
+        return scale_task_attention(terms, pi.to(dt), coefficients, backend=backend)
 
 
 def scale_attention_terms(terms, weight, bias, backend):

@@ -5,9 +5,16 @@
   a1 = 2 (y_a1 - 0.5) + 1, b1 = y_b1 - 0.5, a2 = 2 (y_a2 - 0.5), b2 = y_b2 - 0.5. All-0.5 coefficients give ReLU.
 - ``scale_aware_attention(terms, weight, bias)``: mean over the terms of term * hard_sigmoid(relu(w . GAP(term) + b)),
   the pooled hard-sigmoid weighting that combines a level's three spatial-aware terms.
+- ``scale_task_attention(terms, pi, coefficients)``: the scale- and task-aware steps of one level in one pass,
+  dyrelu(mean_k pi[:, k] terms[k], coefficients). DyHeadBlock computes pi and the DyReLU coefficients from the terms'
+  pooled means alone (GAP of the weighted mean is the weighted mean of the GAPs), so the level's combined features
+  are never written: the terms are read once and the output written once (the unfused path reads the terms, writes
+  and rereads the combination, writes the output). The backward recomputes the combination in the same pass that
+  forms every term's gradient and reduces the pi and coefficient gradients.
 
 Read top to bottom: the literal references, the PyTorch paths, the Triton DyReLU kernels (one pass forward, one
-backward pass that also reduces the coefficient gradients), the custom op, the registry, the public functions.
+backward pass that also reduces the coefficient gradients), the fused level kernels, the custom ops, the registry,
+the public functions.
 """
 
 from __future__ import annotations
@@ -50,6 +57,11 @@ def scale_aware_reference(terms, weight, bias):
     return out / len(terms)
 
 
+def scale_task_reference(terms, pi, coefficients):
+    fused = sum(t * pi[:, k].view(-1, 1, 1, 1) for k, t in enumerate(terms)) / len(terms)
+    return dyrelu_reference(fused, coefficients)
+
+
 # --- torch: fewer passes --------------------------------------------------------------------------------------------
 
 
@@ -71,6 +83,18 @@ def scale_aware_torch(terms, weight, bias):
         pi = pi.view(-1, 1, 1, 1).to(t.dtype)
         out = t * pi if out is None else torch.addcmul(out, t, pi)
     return out / len(terms)
+
+
+def scale_task_torch(terms, pi, coefficients):
+    """In fp32 for fp16/bf16 inputs (as the Triton kernel): near-ties of DyReLU's two maps then break the same way."""
+    if terms[0].dtype in (torch.float16, torch.bfloat16):
+        out = scale_task_torch([t.float() for t in terms], pi.float(), coefficients.float())
+        return out.to(terms[0].dtype)
+    pi = pi.to(terms[0].dtype) / len(terms)
+    fused = terms[0] * pi[:, 0].view(-1, 1, 1, 1)
+    for k in range(1, len(terms)):
+        fused = torch.addcmul(fused, terms[k], pi[:, k].view(-1, 1, 1, 1))
+    return dyrelu_torch(fused, coefficients)
 
 
 # --- triton: DyReLU in one pass, backward with the coefficient reductions -------------------------------------------
@@ -187,6 +211,157 @@ def _dyrelu_backward(ctx, grad):
 _dyrelu_triton_op.register_autograd(_dyrelu_backward, setup_context=_dyrelu_setup)
 
 
+# --- triton: the fused level (scale- and task-aware) ---------------------------------------------------------------
+# One program = one (sample, channel) plane, streamed in BLOCK steps; up to three terms, each read through its own
+# strides (the stride-2 term arrives cropped, not copied). Forward: x = sum_k pi_k t_k / n, out = DyReLU(x): terms
+# read once, out written once. Backward: x recomputed, dx from DyReLU's backward, dt_k = pi_k / n dx written, and the
+# plane's partial sums for d pi_k (sum t_k dx / n) and the four coefficient gradients reduced in registers; the pi
+# partials (B, C, n) are summed over C in PyTorch.
+
+MAX_TERMS = 3
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_term(T, b, c, i, W, ok, sb, sc, sh, sw):
+        return tl.load(T + b * sb + c * sc + (i // W) * sh + (i % W) * sw, mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _scale_task_fwd_kernel(
+        T0, T1, T2, PI, Y, OUT, C, HW, W,
+        s0b, s0c, s0h, s0w, s1b, s1c, s1h, s1w, s2b, s2c, s2h, s2w,
+        N_TERMS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        b = pid // C
+        c = pid % C
+        a1, b1, a2, b2 = _coeffs(Y, pid, C)
+        p0 = tl.load(PI + b * N_TERMS).to(tl.float32) / N_TERMS
+        if N_TERMS > 1:
+            p1 = tl.load(PI + b * N_TERMS + 1).to(tl.float32) / N_TERMS
+        if N_TERMS > 2:
+            p2 = tl.load(PI + b * N_TERMS + 2).to(tl.float32) / N_TERMS
+        for s in range(0, HW, BLOCK):
+            i = s + tl.arange(0, BLOCK)
+            ok = i < HW
+            x = p0 * _load_term(T0, b, c, i, W, ok, s0b, s0c, s0h, s0w)
+            if N_TERMS > 1:
+                x += p1 * _load_term(T1, b, c, i, W, ok, s1b, s1c, s1h, s1w)
+            if N_TERMS > 2:
+                x += p2 * _load_term(T2, b, c, i, W, ok, s2b, s2c, s2h, s2w)
+            tl.store(OUT + pid * HW + i, tl.maximum(a1 * x + b1, a2 * x + b2), mask=ok)
+
+    @triton.jit
+    def _scale_task_bwd_kernel(
+        T0, T1, T2, PI, Y, G, D0, D1, D2, DPI, DY, C, HW, W,
+        s0b, s0c, s0h, s0w, s1b, s1c, s1h, s1w, s2b, s2c, s2h, s2w,
+        N_TERMS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """D_k (contiguous, like OUT) = pi_k / n dx; DPI[b, c, k] = sum t_k dx / n; DY[b, :] the coefficient
+        gradients of the plane (fp32)."""
+        pid = tl.program_id(0)
+        b = pid // C
+        c = pid % C
+        a1, b1, a2, b2 = _coeffs(Y, pid, C)
+        p0 = tl.load(PI + b * N_TERMS).to(tl.float32) / N_TERMS
+        if N_TERMS > 1:
+            p1 = tl.load(PI + b * N_TERMS + 1).to(tl.float32) / N_TERMS
+        if N_TERMS > 2:
+            p2 = tl.load(PI + b * N_TERMS + 2).to(tl.float32) / N_TERMS
+        s_a1 = tl.zeros((BLOCK,), tl.float32)
+        s_b1 = tl.zeros((BLOCK,), tl.float32)
+        s_a2 = tl.zeros((BLOCK,), tl.float32)
+        s_b2 = tl.zeros((BLOCK,), tl.float32)
+        s_p0 = tl.zeros((BLOCK,), tl.float32)
+        s_p1 = tl.zeros((BLOCK,), tl.float32)
+        s_p2 = tl.zeros((BLOCK,), tl.float32)
+        for s in range(0, HW, BLOCK):
+            i = s + tl.arange(0, BLOCK)
+            ok = i < HW
+            t0 = _load_term(T0, b, c, i, W, ok, s0b, s0c, s0h, s0w)
+            x = p0 * t0
+            if N_TERMS > 1:
+                t1 = _load_term(T1, b, c, i, W, ok, s1b, s1c, s1h, s1w)
+                x += p1 * t1
+            if N_TERMS > 2:
+                t2 = _load_term(T2, b, c, i, W, ok, s2b, s2c, s2h, s2w)
+                x += p2 * t2
+            g = tl.load(G + pid * HW + i, mask=ok, other=0.0).to(tl.float32)
+            v1 = a1 * x + b1
+            v2 = a2 * x + b2
+            g1 = tl.where(v1 > v2, g, tl.where(v1 == v2, 0.5 * g, 0.0))  # torch.maximum: ties split in halves
+            g2 = g - g1
+            dx = g1 * a1 + g2 * a2
+            s_a1 += g1 * x
+            s_b1 += g1
+            s_a2 += g2 * x
+            s_b2 += g2
+            tl.store(D0 + pid * HW + i, p0 * dx, mask=ok)
+            s_p0 += t0 * dx
+            if N_TERMS > 1:
+                tl.store(D1 + pid * HW + i, p1 * dx, mask=ok)
+                s_p1 += t1 * dx
+            if N_TERMS > 2:
+                tl.store(D2 + pid * HW + i, p2 * dx, mask=ok)
+                s_p2 += t2 * dx
+        base = DY + b * 4 * C + c
+        tl.store(base, 2.0 * tl.sum(s_a1, 0))
+        tl.store(base + C, tl.sum(s_b1, 0))
+        tl.store(base + 2 * C, 2.0 * tl.sum(s_a2, 0))
+        tl.store(base + 3 * C, tl.sum(s_b2, 0))
+        tl.store(DPI + pid * N_TERMS, tl.sum(s_p0, 0) / N_TERMS)
+        if N_TERMS > 1:
+            tl.store(DPI + pid * N_TERMS + 1, tl.sum(s_p1, 0) / N_TERMS)
+        if N_TERMS > 2:
+            tl.store(DPI + pid * N_TERMS + 2, tl.sum(s_p2, 0) / N_TERMS)
+
+
+def _term_args(terms):
+    """Three term pointers (unused ones repeat the first) and their 12 strides."""
+    ts = list(terms) + [terms[0]] * (MAX_TERMS - len(terms))
+    return ts, [s for t in ts for s in t.stride()]
+
+
+def scale_task_triton_fwd(terms, pi, coefficients):
+    B, C, H, W = terms[0].shape
+    ts, strides = _term_args(terms)
+    pi = pi.contiguous()
+    y = coefficients.reshape(B, 4 * C).contiguous()
+    out = torch.empty((B, C, H, W), device=pi.device, dtype=terms[0].dtype)
+    _scale_task_fwd_kernel[(B * C,)](*ts, pi, y, out, C, H * W, W, *strides, N_TERMS=len(terms), BLOCK=TRITON_BLOCK,
+                                     num_warps=TRITON_NUM_WARPS)  # fmt: skip
+    return out
+
+
+def scale_task_triton_bwd(grad, terms, pi, coefficients):
+    B, C, H, W = terms[0].shape
+    n = len(terms)
+    ts, strides = _term_args(terms)
+    pi_c = pi.contiguous()
+    y = coefficients.reshape(B, 4 * C).contiguous()
+    g = grad.contiguous()
+    d_terms = [torch.empty((B, C, H, W), device=g.device, dtype=terms[0].dtype) for _ in range(n)]
+    d_ts = d_terms + [d_terms[0]] * (MAX_TERMS - n)
+    dpi = torch.empty((B, C, n), device=g.device, dtype=torch.float32)
+    dy = torch.empty((B, 4 * C), device=g.device, dtype=torch.float32)
+    _scale_task_bwd_kernel[(B * C,)](*ts, pi_c, y, g, *d_ts, dpi, dy, C, H * W, W, *strides, N_TERMS=n,
+                                     BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)  # fmt: skip
+    return d_terms, dpi.sum(1).to(pi.dtype), dy.to(coefficients.dtype).reshape(coefficients.shape)
+
+
+class _ScaleTaskTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pi, coefficients, *terms):
+        ctx.save_for_backward(pi, coefficients, *terms)
+        return scale_task_triton_fwd(terms, pi, coefficients)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pi, coefficients, *terms = ctx.saved_tensors
+        d_terms, dpi, dy = scale_task_triton_bwd(grad, terms, pi, coefficients)
+        return (dpi, dy, *d_terms)
+
+
 # --- registry -------------------------------------------------------------------------------------------------------
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -207,6 +382,16 @@ SCALE_AWARE_ATTENTION = register_op(
         {
             "reference": Backend("reference", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
             "torch": Backend("torch", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
+        },
+    )
+)
+SCALE_TASK_ATTENTION = register_op(
+    Op(
+        "scale_task_attention",
+        {
+            "reference": Backend("reference", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
+            "torch": Backend("torch", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
+            "triton": Backend("triton", ("cuda",), _FLOATS, (8, 0)),
         },
     )
 )
@@ -258,6 +443,40 @@ def scale_aware_attention(terms, weight: torch.Tensor, bias: torch.Tensor, *, ba
     return impl(list(terms), weight.reshape(-1), bias.reshape(1))
 
 
+def scale_task_attention(terms, pi: torch.Tensor, coefficients: torch.Tensor, *, backend: str | None = None):
+    """dyrelu(mean_k pi[:, k] * terms[k], coefficients): one level's scale- and task-aware steps in one pass.
+
+    Args:
+        terms: 1 to 3 (B, C, H, W) tensors of one shape (any strides: a cropped view is read in place).
+        pi: (B, n_terms), the scale-aware weights hard_sigmoid(relu(w . GAP(term) + b)).
+        coefficients: (B, 4C) or (B, 4C, 1, 1), DyReLU's hard-sigmoid outputs (see :func:`dyrelu`).
+
+    Returns:
+        (B, C, H, W), contiguous; gradients for every term, pi and the coefficients.
+    """
+    if not isinstance(terms, (list, tuple)) or not 1 <= len(terms) <= MAX_TERMS:
+        raise ValueError(f"terms: expected a list of 1 to {MAX_TERMS} (B, C, H, W) tensors, got {type(terms).__name__}"
+                         f" of {len(terms) if isinstance(terms, (list, tuple)) else '?'}")  # fmt: skip
+    shape = terms[0].shape
+    for i, t in enumerate(terms):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"terms[{i}]: expected shape {tuple(shape)} (that of terms[0]), got {got}")
+    B, C = shape[:2]
+    if not isinstance(pi, torch.Tensor) or tuple(pi.shape) != (B, len(terms)):
+        raise ValueError(
+            f"pi: expected shape ({B}, {len(terms)}) (batch, terms), got {tuple(getattr(pi, 'shape', ()))}"
+        )
+    if not isinstance(coefficients, torch.Tensor) or coefficients.numel() != B * 4 * C or coefficients.shape[:2] != (
+        B, 4 * C):  # fmt: skip
+        raise ValueError(f"coefficients: expected (B, 4C) = ({B}, {4 * C}), got {tuple(coefficients.shape)}")
+    name = SCALE_TASK_ATTENTION.select([*terms, pi, coefficients], backend)
+    if name == "triton":
+        return _ScaleTaskTriton.apply(pi, coefficients, *terms)
+    impl = scale_task_reference if name == "reference" else scale_task_torch
+    return impl(list(terms), pi, coefficients)
+
+
 # --- ahead-of-time compile specs ------------------------------------------------------------------------------------
 
 
@@ -273,4 +492,13 @@ def triton_aot_specs() -> list[dict]:
         for kernel, pointers in ((_dyrelu_fwd_kernel, fwd), (_dyrelu_bwd_kernel, bwd)):
             specs.append(kernel_spec(f"{kernel.__name__}[{dtype}]", kernel, {"BLOCK": TRITON_BLOCK}, pointers,
                                      TRITON_NUM_WARPS))  # fmt: skip
+        terms = dict.fromkeys(("T0", "T1", "T2"), dtype)
+        fwd = terms | {"PI": dtype, "Y": dtype, "OUT": dtype}
+        bwd = terms | {"PI": dtype, "Y": dtype, "G": dtype, "D0": dtype, "D1": dtype, "D2": dtype, "DPI": "fp32",
+                       "DY": "fp32"}  # fmt: skip
+        for n in range(1, MAX_TERMS + 1):
+            for kernel, pointers in ((_scale_task_fwd_kernel, fwd), (_scale_task_bwd_kernel, bwd)):
+                constexprs = {"BLOCK": TRITON_BLOCK, "N_TERMS": n}
+                name = f"{kernel.__name__}[{dtype},n={n}]"
+                specs.append(kernel_spec(name, kernel, constexprs, pointers, TRITON_NUM_WARPS))
     return specs

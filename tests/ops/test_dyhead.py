@@ -1,6 +1,6 @@
-"""Dynamic Head: dyrelu and scale_aware_attention on every backend against the literal references (output and
-gradients), DyReLU with neutral coefficients is ReLU, and DyHeadBlock / DyHead keep every level's shape and
-differentiate (gradcheck of the whole block in float64)."""
+"""Dynamic Head: dyrelu, scale_aware_attention and the fused scale_task_attention on every backend against the
+literal references (output and gradients), DyReLU with neutral coefficients is ReLU, and DyHeadBlock / DyHead keep
+every level's shape and differentiate (gradcheck of the whole block in float64)."""
 
 import pytest
 import torch
@@ -120,3 +120,79 @@ def test_bad_input_names_the_argument():
         fk.dyrelu(torch.randn(2, 8, 3, 3), torch.rand(2, 8))
     with pytest.raises(ValueError, match=r"terms\[1\]: expected shape \(1, 4, 3, 3\)"):
         fk.scale_aware_attention([torch.randn(1, 4, 3, 3), torch.randn(1, 4, 2, 3)], torch.randn(4), torch.zeros(1))
+
+
+SCALE_TASK_BACKENDS = [b for b in runnable_backends("scale_task_attention", "cpu") if b != "reference"]
+
+
+@pytest.mark.parametrize("backend", SCALE_TASK_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_terms", [1, 2, 3])
+def test_scale_task_against_reference(n_terms, dtype, backend):
+    """Fused level: every term (one of them a cropped, strided view), pi and the coefficients get gradients."""
+    g = torch.Generator().manual_seed(10 + n_terms)
+    terms = [torch.randn(2, 16, 6, 7, generator=g, dtype=torch.float64) for _ in range(n_terms - 1)]
+    big = torch.randn(2, 16, 7, 9, generator=g, dtype=torch.float64)  # cropped to 6x7 below: not contiguous
+    pi = torch.rand(2, n_terms, generator=g, dtype=torch.float64)
+    coeffs = torch.rand(2, 64, generator=g, dtype=torch.float64)
+    coeffs[0, :8] = 0.5  # neutral a1 / b1 entries: ties between the two affine maps in some planes
+    coeffs[0, 32:40] = 0.5
+
+    def run(dt, be):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (*terms, big, pi, coeffs)]
+        ts = leaves[: n_terms - 1] + [leaves[n_terms - 1][..., :6, :7]]
+        out = fk.scale_task_attention(ts, leaves[-2], leaves[-1], backend=be)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dt))
+        return [out] + [t.grad for t in leaves]
+
+    ref, low, out = run(torch.float64, "reference"), run(dtype, "reference"), run(dtype, backend)
+    for i, (o, r, t) in enumerate(zip(out, ref, low, strict=True)):
+        assert_close_to_reference(o, r, t, atol=ATOL[dtype], what=f"scale_task[{backend}] {dtype} tensor {i}")
+
+
+def test_scale_task_equals_scale_aware_then_dyrelu():
+    """With pi computed from the terms, the fused op is scale_aware_attention followed by dyrelu."""
+    g = torch.Generator().manual_seed(0)
+    terms = [torch.randn(2, 8, 5, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    w, b = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(1, generator=g, dtype=torch.float64)
+    coeffs = torch.rand(2, 32, generator=g, dtype=torch.float64)
+    pi = torch.stack([fk.ops.dyhead.hard_sigmoid(torch.relu(t.mean((2, 3)) @ w + b)) for t in terms], 1)
+    want = fk.dyrelu(fk.scale_aware_attention(terms, w, b), coeffs)
+    torch.testing.assert_close(fk.scale_task_attention(terms, pi, coeffs), want)
+
+
+def test_scale_task_bad_input_names_the_argument():
+    t = torch.randn(2, 8, 5, 5)
+    with pytest.raises(ValueError, match=r"pi: expected shape \(2, 2\)"):
+        fk.scale_task_attention([t, t], torch.rand(2, 3), torch.rand(2, 32))
+    with pytest.raises(ValueError, match=r"coefficients: expected \(B, 4C\) = \(2, 32\)"):
+        fk.scale_task_attention([t], torch.rand(2, 1), torch.rand(2, 16))
+    with pytest.raises(ValueError, match=r"terms: expected a list of 1 to 3"):
+        fk.scale_task_attention([t] * 4, torch.rand(2, 4), torch.rand(2, 32))
+
+
+BLOCK_BACKENDS = [
+    b
+    for b in ("triton", "cpp")
+    if b in runnable_backends("scale_task_attention", "cpu") or b in runnable_backends("modulated_deform_conv2d", "cpu")
+]
+
+
+@pytest.mark.parametrize("backend", BLOCK_BACKENDS)
+def test_dyhead_block_with_a_module_wide_backend_matches_reference(backend):
+    """A module-wide backend reaches every op that has it (deform conv, the fused level), forward and backward."""
+    torch.manual_seed(0)
+    ref_blk = DyHeadBlock(32, backend="reference")
+    with torch.no_grad():
+        ref_blk.spatial_conv_offset.weight.normal_(0, 0.05)
+    blk = DyHeadBlock(32, backend=backend)
+    blk.load_state_dict(ref_blk.state_dict())
+    levels = _pyramid(sizes=((10, 12), (5, 6), (3, 3)))
+    grads = []
+    for m in (blk, ref_blk):
+        xs = [x.clone().requires_grad_() for x in levels]
+        outs = m(xs)
+        sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs).backward()
+        grads.append([outs, [x.grad for x in xs], [p.grad for p in m.parameters()]])
+    for a, b in zip(sum(grads[0], []), sum(grads[1], []), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
