@@ -91,8 +91,28 @@ def conv_embed_reference(x, weight, bias, norm_weight, norm_bias, stride, paddin
 # of the op).
 
 
+# On the CPU, oneDNN's channels-last convolution loses to the plain one on small problems (the last CoSwin merges at
+# small batch: 0.81x at 8 x 7 x 7 outputs, 768 channels, in benchmarks/results/cpu-2026-11-27-cpp/conv_embed.jsonl).
+# Below CPU_CHANNELS_LAST_MIN_ROWS output positions in all (measured: even at 8 x 14 x 14 = 1568, ahead at 6272) the
+# torch path convolves channels-first and LayerNorm reads the permuted result.
+CPU_CHANNELS_LAST_MIN_ROWS = 1024
+
+
+def _out_rows(x, weight, stride, padding, layout):
+    spatial = weight.dim() - 2
+    sizes = x.shape[1 : spatial + 1] if layout == "channels_last" else x.shape[2:]
+    rows = x.shape[0]
+    for n, k, s, p in zip(sizes, weight.shape[2:], stride, padding, strict=True):
+        rows *= (n + 2 * p - k) // s + 1
+    return rows
+
+
 def conv_embed_torch(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, layout):
     spatial = weight.dim() - 2
+    if x.device.type == "cpu" and _out_rows(x, weight, stride, padding, layout) < CPU_CHANNELS_LAST_MIN_ROWS:
+        xc = (_to_channels_first_view(x) if layout == "channels_last" else x).contiguous()
+        y = _conv(spatial)(xc, weight, bias, stride=stride, padding=padding).movedim(1, -1)
+        return F.layer_norm(y, (y.shape[-1],), norm_weight, norm_bias, eps)
     fmt = torch.channels_last if spatial == 2 else torch.channels_last_3d
     xc = _to_channels_first_view(x) if layout == "channels_last" else x.contiguous(memory_format=fmt)
     y = _conv(spatial)(xc, weight.contiguous(memory_format=fmt), bias, stride=stride, padding=padding)

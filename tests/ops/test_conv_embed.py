@@ -64,6 +64,24 @@ def test_backends_against_reference(case, dtype, backend, layout):
                                                                   f"{dtype} {name}")  # fmt: skip
 
 
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_torch_channels_last_cpu_path_against_reference(case, dtype, layout, monkeypatch):
+    """The test shapes are small, so the torch backend convolves channels-first on the CPU; force the channels-last
+    convolution (taken from CPU_CHANNELS_LAST_MIN_ROWS output positions on) and check it as well."""
+    from florence_kernels.ops import conv_embed as ce
+
+    monkeypatch.setattr(ce, "CPU_CHANNELS_LAST_MIN_ROWS", 0)
+    ref = _run(case, torch.float64, "reference", layout)
+    low = _run(case, dtype, "reference", layout)
+    out = _run(case, dtype, "torch", layout)
+    names = ("output", "grad x", "grad weight", "grad bias", "grad norm weight", "grad norm bias")
+    for name, o, r, t in zip(names, out, ref, low, strict=True):
+        assert_close_to_reference(o, r, t, atol=ATOL[dtype], what=f"conv_embed[torch channels-last conv] "
+                                                                  f"{_id(case)} {layout} {dtype} {name}")  # fmt: skip
+
+
 def test_output_is_contiguous_tokens_and_channels_last_input_is_not_copied():
     w, b, nw, nb = (t.float() for t in _params(CASES[1]))
     x = torch.randn(1, 13, 14, 8)
