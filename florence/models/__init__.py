@@ -1,0 +1,9 @@
+"""Florence's models: the CoSwin image tower, the text tower, the two-tower Florence, named configs."""
+
+from .coswin import CoSwin, coswin_param_count
+from .factory import create_coswin, create_model, get_config, list_models
+from .florence import Florence, load_state_dict_strict
+from .text import TextTransformer
+
+__all__ = ["CoSwin", "Florence", "TextTransformer", "coswin_param_count", "create_coswin", "create_model",
+           "get_config", "list_models", "load_state_dict_strict"]  # fmt: skip
