@@ -168,7 +168,8 @@ class WindowAttention3D(nn.Module):
 
     def _backend(self, x) -> str:
         dummy = x[..., :1].unsqueeze(-1)  # device/dtype/strides probe for the backend choice; no copy
-        return WINDOW_ATTENTION.select([dummy, dummy, dummy], self.backend, dropout_p=self._dropout())
+        backend = _op_backend("window_attention", self.backend)
+        return WINDOW_ATTENTION.select([dummy, dummy, dummy], backend, dropout_p=self._dropout())
 
     def _dropout(self) -> float:
         return self.attn_drop if self.training else 0.0
@@ -299,7 +300,7 @@ class ConvEmbed(nn.Module):
     def forward(self, x: torch.Tensor, input_layout: str = "auto") -> torch.Tensor:
         return conv_embed(x, self.proj.weight, self.proj.bias, self.norm.weight, self.norm.bias,
                           stride=self.proj.stride, padding=self.proj.padding, eps=self.norm.eps,
-                          input_layout=input_layout, backend=self.backend)  # fmt: skip
+                          input_layout=input_layout, backend=_op_backend("conv_embed", self.backend))  # fmt: skip
 
     def load_inflated(self, state_dict_2d: dict) -> None:
         """Load a 2-D ConvEmbed's state dict into this 3-D one (Florence's inflation, see :func:`inflate_from_2d`)."""
