@@ -49,6 +49,7 @@ class Case:
     make_inputs: Callable[[str, torch.dtype], tuple]
     bytes_moved: Callable[[str], float] | None = None
     flops: Callable[[str], float] | None = None
+    items: int | None = None  # samples per call (e.g. images per training step): adds items_per_s to each row
 
 
 @dataclass
@@ -340,6 +341,8 @@ def run(bench_module: str, args) -> list[dict]:
                 row["gbps"] = case.bytes_moved(mode) / seconds / 1e9
             if case.flops:
                 row["tflops"] = case.flops(mode) / seconds / 1e12
+            if case.items:
+                row["items_per_s"] = case.items / seconds
             row.update(env)
             rows.append(row)
         del steps
