@@ -1,7 +1,28 @@
-"""Florence on florence_kernels: models (CoSwin, text tower, two-tower Florence), tokenizer, evaluation."""
+"""Florence on florence_kernels: models (CoSwin, text tower, two-tower Florence), tokenizer, evaluation, data.
 
-from .models import CoSwin, Florence, TextTransformer, create_coswin, create_model, list_models
-from .tokenizer import Tokenizer, get_tokenizer, tokenize
+Names are imported on first use, so ``florence.data`` tools (and their worker processes) do not load torch unless
+they need it.
+"""
 
-__all__ = ["CoSwin", "Florence", "TextTransformer", "Tokenizer", "create_coswin", "create_model", "get_tokenizer",
-           "list_models", "tokenize"]  # fmt: skip
+import importlib
+
+_EXPORTS = {
+    "CoSwin": "florence.models",
+    "Florence": "florence.models",
+    "TextTransformer": "florence.models",
+    "create_coswin": "florence.models",
+    "create_model": "florence.models",
+    "list_models": "florence.models",
+    "Tokenizer": "florence.tokenizer",
+    "get_tokenizer": "florence.tokenizer",
+    "tokenize": "florence.tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in ("models", "data", "eval", "tokenizer"):
+        return importlib.import_module(f"florence.{name}")
+    raise AttributeError(f"module 'florence' has no attribute {name!r}")

@@ -50,7 +50,11 @@ def test_info_cli_runs():
         assert "window_partition" in proc.stdout
 
 
-def test_readme_usage_example_runs():
+def test_readme_usage_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the README, in a scratch folder (the model example writes a checkpoint)."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
