@@ -1,0 +1,575 @@
+"""FLD-style curation of image-text pairs with UniCL labels (../shared/SPEC.md section 1), at one-machine scale.
+
+    python -m florence.data.curate --input FILE.jsonl [FILE.csv FOLDER ...] --out DIR [--min-size 32]
+        [--near-dup-threshold 4] [--shard-size 1000] [--short-words 3] [--max-tokens 75] [--workers N] [--seed 0]
+
+Inputs (several may be given; relative image paths resolve against the file's folder):
+- JSONL: one object per line, {"image": path, "caption": text} or {"image": path, "captions": [texts]};
+- CSV with a header: an ``image`` column, a ``caption`` column, and optional further caption columns
+  (any column whose name starts with ``caption``);
+- a folder: every image file with a same-named ``.txt`` beside it (one caption per line).
+
+Steps, in order, each counted (``removed`` counts input records, so inputs = images + sum(removed)):
+1. bad_record: a line or row that cannot be read (invalid JSON, no image field);
+2. empty_caption: no caption left after normalisation (NFKC, whitespace collapsed, trimmed; empty captions of
+   images that keep another caption are dropped and counted in ``empty_captions_dropped``);
+3. corrupt: missing, unreadable, truncated or unsupported image files (the reasons are tallied in
+   ``corrupt_reasons``);
+4. too_small: shorter side below --min-size pixels;
+5. duplicate: byte-identical to an earlier kept image (SHA-256);
+6. near_duplicate: perceptual hash (64-bit dHash) within --near-dup-threshold bits of an earlier kept image
+   (pigeonhole banding: exact matches on one of threshold + 1 bands, then the Hamming distance).
+Captions longer than --max-tokens CLIP BPE tokens are cut at a word boundary to fit (``truncated_captions``).
+UniCL labels: one label per unique normalised text (casefolded for the hash table only), numbered in order of
+first appearance; captions of at most --short-words words (a word or a phrase) are augmented with a prompt
+template (deterministic per sample), keep the label of their bare text, and are flagged ``augmented``
+(Florence's stage 1 uses them, stage 2 does not).
+
+Output DIR: webdataset shards ``shard-00000.tar`` ... (per sample ``<key>.jpg``, the image as JPEG: JPEG inputs
+byte for byte, other formats re-encoded at quality 95, and ``<key>.json``: key, captions, labels, augmented flags,
+source), DALI index files ``shard-00000.idx`` (when DALI is installed), ``manifest.json`` (shards with sample and
+pair counts and SHA-256), ``labels.json`` (label -> text), ``stats.json`` and ``summary.txt`` (the paper-style
+report), ``caption_lengths.png`` and ``positives_per_label.png``.
+
+Robust and resumable: bad input is counted, never fatal; every file is written under a temporary name and renamed;
+image analysis results are cached (DIR/.work/analysis.jsonl, one line per record, flushed) and shards are written
+whole, so a killed run started again with the same arguments redoes only the missing work and produces the same
+bytes. Decoding and hashing use every core (--workers, default all); a progress bar shows each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import tarfile
+import time
+import unicodedata
+from collections import Counter
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+PROMPTS = (
+    "a photo of {}.", "a picture of {}.", "an image of {}.", "a photo showing {}.", "a close-up of {}.",
+    "{}, in a photo.", "a snapshot of {}.", "an example of {}.",
+)  # fmt: skip
+REMOVED_KEYS = ("bad_record", "empty_caption", "corrupt", "too_small", "duplicate", "near_duplicate")
+
+
+# --- reading inputs -------------------------------------------------------------------------------------------------
+
+
+def read_inputs(paths: list[str]) -> list[dict]:
+    """Records {"image": absolute path, "captions": [raw texts], "source": "file:line"} or {"bad": reason, ...}."""
+    records = []
+    for path in paths:
+        if os.path.isdir(path):
+            records += _read_folder(path)
+        elif path.lower().endswith(".csv"):
+            records += _read_csv(path)
+        elif os.path.isfile(path):
+            records += _read_jsonl(path)
+        else:
+            raise FileNotFoundError(f"--input: {path} is neither a file nor a folder")
+    return records
+
+
+def _resolve(base: str, image) -> str | None:
+    if not isinstance(image, str) or not image:
+        return None
+    return image if os.path.isabs(image) else os.path.normpath(os.path.join(base, image))
+
+
+def _read_jsonl(path):
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            src = f"{os.path.basename(path)}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                out.append({"bad": f"invalid JSON ({e.msg})", "source": src})
+                continue
+            image = _resolve(base, obj.get("image")) if isinstance(obj, dict) else None
+            if image is None:
+                out.append({"bad": "no image path", "source": src})
+                continue
+            caps = obj.get("captions", [obj.get("caption")] if "caption" in obj else [])
+            caps = [c for c in (caps if isinstance(caps, list) else [caps]) if isinstance(c, str)]
+            out.append({"image": image, "captions": caps, "source": src})
+    return out
+
+
+def _read_csv(path):
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.DictReader(f)
+        cols = [c for c in (reader.fieldnames or []) if c and c.lower().startswith("caption")]
+        for n, row in enumerate(reader, 2):
+            src = f"{os.path.basename(path)}:{n}"
+            image = _resolve(base, row.get("image"))
+            if image is None:
+                out.append({"bad": "no image path", "source": src})
+                continue
+            out.append({"image": image, "captions": [row[c] for c in cols if row.get(c)], "source": src})
+    return out
+
+
+def _read_folder(path):
+    out = []
+    for name in sorted(os.listdir(path)):
+        if not name.lower().endswith(IMAGE_EXTS):
+            continue
+        txt = os.path.join(path, os.path.splitext(name)[0] + ".txt")
+        caps = []
+        if os.path.isfile(txt):
+            with open(txt, encoding="utf-8", errors="replace") as f:
+                caps = [line for line in f.read().splitlines() if line.strip()]
+        out.append({"image": os.path.join(os.path.abspath(path), name), "captions": caps, "source": name})
+    return out
+
+
+# --- captions -------------------------------------------------------------------------------------------------------
+
+
+def normalise_caption(text: str) -> str:
+    """Unicode NFKC, control characters to spaces, whitespace collapsed, trimmed."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def label_key(text: str) -> str:
+    """The hash-table key of a normalised text: casefolded, trailing punctuation dropped."""
+    return text.casefold().rstrip(" .!?")
+
+
+def fit_tokens(text: str, max_tokens: int, count) -> tuple[str, bool]:
+    """``text`` cut at a word boundary to at most ``max_tokens`` BPE tokens; (text, was it cut)."""
+    if count(text) <= max_tokens:
+        return text, False
+    words = text.split(" ")
+    lo, hi = 0, len(words)  # the longest prefix of words that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(" ".join(words[:mid])) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return " ".join(words[: max(lo, 1)]), True
+
+
+# --- image analysis (worker processes) ------------------------------------------------------------------------------
+
+
+def dhash(img) -> int:
+    """64-bit difference hash: grey 9x8 thumbnail, one bit per horizontally adjacent pair."""
+    from PIL import Image
+
+    g = img.convert("L").resize((9, 8), Image.BILINEAR)
+    px = list(g.getdata())
+    bits = 0
+    for r in range(8):
+        for c in range(8):
+            bits = (bits << 1) | int(px[r * 9 + c] > px[r * 9 + c + 1])
+    return bits
+
+
+def analyse(path: str) -> dict:
+    """Decode check, size, SHA-256 and dHash of one image file; never raises."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return {"ok": False, "reason": f"unreadable file ({type(e).__name__})"}
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            if fmt not in SUPPORTED_FORMATS:
+                return {"ok": False, "reason": f"unsupported format {fmt}"}
+            img.load()
+            w, h = img.size
+            ph = dhash(img)
+    except Exception as e:  # PIL raises many types for broken files
+        msg = str(e).lower()
+        reason = "truncated" if "truncat" in msg else f"undecodable ({type(e).__name__})"
+        return {"ok": False, "reason": reason}
+    return {"ok": True, "w": w, "h": h, "sha": hashlib.sha256(data).hexdigest(), "phash": ph, "format": fmt}
+
+
+class NearDuplicateIndex:
+    """Hamming-ball lookup of 64-bit hashes by banding: within ``t`` bits implies equality on one of t + 1 bands."""
+
+    def __init__(self, threshold: int):
+        self.t = threshold
+        n = threshold + 1
+        widths = [64 // n + (1 if i < 64 % n else 0) for i in range(n)]
+        self.bands, start = [], 0
+        for w in widths:
+            self.bands.append((start, (1 << w) - 1))
+            start += w
+        self.tables = [dict() for _ in self.bands]
+
+    def _keys(self, h):
+        return [(h >> s) & m for s, m in self.bands]
+
+    def find(self, h: int) -> int | None:
+        """Index of a stored hash within the threshold, or None."""
+        for table, key in zip(self.tables, self._keys(h), strict=True):
+            for idx, other in table.get(key, ()):
+                if bin(h ^ other).count("1") <= self.t:
+                    return idx
+        return None
+
+    def add(self, h: int, idx: int) -> None:
+        for table, key in zip(self.tables, self._keys(h), strict=True):
+            table.setdefault(key, []).append((idx, h))
+
+
+# --- the pipeline ---------------------------------------------------------------------------------------------------
+
+
+def _progress(it, total, desc, quiet):
+    if quiet:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="img", file=sys.stderr)
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_json(path: str, obj) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def analyse_all(records, work_dir, workers, quiet) -> list[dict | None]:
+    """Analysis of every record's image, reusing and extending the cache (one flushed JSON line per record)."""
+    os.makedirs(work_dir, exist_ok=True)
+    cache_path = os.path.join(work_dir, "analysis.jsonl")
+    results: list[dict | None] = [None] * len(records)
+    if os.path.exists(cache_path):
+        with open(cache_path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: analysed again
+                    continue
+                i = row.get("i")
+                if isinstance(i, int) and 0 <= i < len(records) and row.get("image") == records[i].get("image"):
+                    results[i] = row["result"]
+    todo = [i for i, r in enumerate(records) if "image" in r and results[i] is None]
+    if todo:
+        with open(cache_path, "a") as cache, mp.Pool(workers) as pool:
+            paths = [records[i]["image"] for i in todo]
+            for i, res in _progress(zip(todo, pool.imap(analyse, paths, chunksize=16), strict=True), len(todo),
+                                    "decode+hash", quiet):  # fmt: skip
+                results[i] = res
+                cache.write(json.dumps({"i": i, "image": records[i]["image"], "result": res}) + "\n")
+                cache.flush()
+    return results
+
+
+def select(records, analysis, args, count_tokens) -> tuple[list[dict], dict]:
+    """Filters, deduplication, caption normalisation, labels and augmentation, in input order (deterministic)."""
+    removed = Counter({k: 0 for k in REMOVED_KEYS})
+    corrupt_reasons, bad_reasons = Counter(), Counter()
+    seen_sha: dict[str, int] = {}
+    near = NearDuplicateIndex(args.near_dup_threshold) if args.near_dup_threshold >= 0 else None
+    labels: dict[str, int] = {}
+    label_text: list[str] = []
+    samples = []
+    empty_dropped = truncated = 0
+    for i, rec in enumerate(records):
+        if "bad" in rec:
+            removed["bad_record"] += 1
+            bad_reasons[rec["bad"]] += 1
+            continue
+        caps = [normalise_caption(c) for c in rec["captions"]]
+        kept_caps = list(dict.fromkeys(c for c in caps if c))  # unique, in order
+        if not kept_caps:
+            removed["empty_caption"] += 1
+            continue
+        empty_dropped += sum(1 for c in caps if not c)
+        a = analysis[i]
+        if a is None or not a["ok"]:
+            removed["corrupt"] += 1
+            corrupt_reasons[a["reason"] if a else "not analysed"] += 1
+            continue
+        if min(a["w"], a["h"]) < args.min_size:
+            removed["too_small"] += 1
+            continue
+        if a["sha"] in seen_sha:
+            removed["duplicate"] += 1
+            continue
+        if near is not None and near.find(a["phash"]) is not None:
+            removed["near_duplicate"] += 1
+            continue
+        idx = len(samples)
+        seen_sha[a["sha"]] = idx
+        if near is not None:
+            near.add(a["phash"], idx)
+        texts, labs, aug = [], [], []
+        for c in kept_caps:
+            c, cut = fit_tokens(c, args.max_tokens, count_tokens)
+            truncated += cut
+            key = label_key(c)
+            if key not in labels:
+                labels[key] = len(label_text)
+                label_text.append(c)
+            if len(c.split(" ")) <= args.short_words:
+                pick = int(hashlib.md5(f"{args.seed}:{idx}:{key}".encode()).hexdigest(), 16) % len(PROMPTS)
+                texts.append(PROMPTS[pick].format(c.rstrip(" .!?")))
+                aug.append(True)
+            else:
+                texts.append(c)
+                aug.append(False)
+            labs.append(labels[key])
+        samples.append({"key": f"{idx:09d}", "image": rec["image"], "format": a["format"], "captions": texts,
+                        "labels": labs, "augmented": aug, "source": rec["source"], "sha": a["sha"]})  # fmt: skip
+    info = {"removed": dict(removed), "corrupt_reasons": dict(corrupt_reasons), "bad_record_reasons": dict(bad_reasons),
+            "empty_captions_dropped": empty_dropped, "truncated_captions": truncated,
+            "label_text": label_text}  # fmt: skip
+    return samples, info
+
+
+def _image_jpeg_bytes(sample) -> bytes:
+    with open(sample["image"], "rb") as f:
+        data = f.read()
+    if sample["format"] == "JPEG":
+        return data
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+
+def _tar_member(tar, name, data):
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
+    tar.addfile(ti, io.BytesIO(data))
+
+
+def write_shard(job) -> dict:
+    """One shard, written under a temporary name and renamed; its DALI index beside it (when DALI is present)."""
+    out_dir, shard_idx, samples, delay = job
+    path = os.path.join(out_dir, f"shard-{shard_idx:05d}.tar")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            meta = {k: s[k] for k in ("key", "captions", "labels", "augmented", "source")}
+            _tar_member(tar, f"{s['key']}.jpg", _image_jpeg_bytes(s))
+            _tar_member(tar, f"{s['key']}.json", json.dumps(meta, sort_keys=True).encode())
+    data = buf.getvalue()
+    if delay:  # test hook (FLORENCE_CURATE_SHARD_DELAY): widen the window in which a kill lands mid-run
+        time.sleep(delay)
+    _atomic_write_bytes(path, data)
+    write_dali_index(path)
+    return {"path": os.path.basename(path), "samples": len(samples), "pairs": sum(len(s["captions"]) for s in samples),
+            "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+
+
+def write_dali_index(tar_path: str) -> bool:
+    """``<shard>.idx`` in the format of DALI's wds2idx (version line, then one line per sample: each component's
+    extension, offset and size), written atomically; False when DALI is not installed (its reader then indexes the
+    tar itself when it opens it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("nvidia.dali") is None:
+        return False
+    lines, current, comps = [], None, []
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, ext = m.name.rsplit(".", 1)
+            if key != current and comps:
+                lines.append(" ".join(comps))
+                comps = []
+            current = key
+            comps += [ext, str(m.offset_data), str(m.size), m.name]
+    if comps:
+        lines.append(" ".join(comps))
+    text = f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n"
+    _atomic_write_bytes(os.path.splitext(tar_path)[0] + ".idx", text.encode())
+    return True
+
+
+def _shard_done(out_dir, shard_idx, samples) -> bool:
+    path = os.path.join(out_dir, f"shard-{shard_idx:05d}.tar")
+    if not os.path.exists(path):
+        return False
+    try:
+        with tarfile.open(path) as tar:
+            names = [m.name for m in tar]
+    except (tarfile.TarError, OSError):
+        return False
+    return names == [n for s in samples for n in (f"{s['key']}.jpg", f"{s['key']}.json")]
+
+
+def curate(args) -> dict:
+    from florence.tokenizer import get_tokenizer
+
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    records = read_inputs(args.input)
+    quiet = args.quiet
+    analysis = analyse_all(records, os.path.join(args.out, ".work"), args.workers, quiet)
+    tok = get_tokenizer()
+
+    def count_tokens(text, _cache={}):  # noqa: B006 - a per-run memo of token counts
+        if text not in _cache:
+            _cache[text] = len(tok.encode(text))
+        return _cache[text]
+
+    samples, info = select(records, analysis, args, count_tokens)
+    shards = [samples[i : i + args.shard_size] for i in range(0, len(samples), args.shard_size)]
+    delay = float(os.environ.get("FLORENCE_CURATE_SHARD_DELAY", "0"))
+    jobs = [(args.out, k, s, delay) for k, s in enumerate(shards) if not _shard_done(args.out, k, s)]
+    done = {k: None for k in range(len(shards))}
+    if jobs:
+        with mp.Pool(min(args.workers, len(jobs))) as pool:
+            for res in _progress(pool.imap(write_shard, jobs), len(jobs), "shards", quiet):
+                done[int(res["path"][6:11])] = res
+    manifest_shards = []
+    for k, s in enumerate(shards):  # shards written by an earlier, killed run: describe them from disk
+        res = done[k]
+        if res is None:
+            path = os.path.join(args.out, f"shard-{k:05d}.tar")
+            with open(path, "rb") as f:
+                sha = hashlib.sha256(f.read()).hexdigest()
+            if not os.path.exists(os.path.splitext(path)[0] + ".idx"):
+                write_dali_index(path)
+            res = {"path": os.path.basename(path), "samples": len(s), "pairs": sum(len(x["captions"]) for x in s),
+                   "sha256": sha}  # fmt: skip
+        manifest_shards.append(res)
+    stats = statistics(records, samples, info, count_tokens)
+    _atomic_json(os.path.join(args.out, "labels.json"), info["label_text"])
+    manifest = {
+        "format": "webdataset",
+        "components": {"jpg": "image (JPEG)", "json": "key, captions, labels, augmented, source"},
+        "index_format": "DALI wds2idx v1.2 (.idx beside each shard)",
+        "shards": manifest_shards,
+        "samples": len(samples),
+        "pairs": stats["pairs"],
+        "labels": len(info["label_text"]),
+        "args": {k: v for k, v in vars(args).items() if k != "quiet"},
+    }
+    _atomic_json(os.path.join(args.out, "manifest.json"), manifest)
+    _atomic_json(os.path.join(args.out, "stats.json"), stats)
+    _atomic_write_bytes(os.path.join(args.out, "summary.txt"), summary_text(stats).encode())
+    plot_stats(samples, count_tokens, args.out)
+    stats["seconds"] = round(time.time() - t0, 2)
+    return stats
+
+
+def statistics(records, samples, info, count_tokens) -> dict:
+    pairs = [(lab, text) for s in samples for lab, text in zip(s["labels"], s["captions"], strict=True)]
+    per_label = Counter(lab for lab, _ in pairs)
+    return {
+        "inputs": len(records),
+        "images": len(samples),
+        "pairs": len(pairs),
+        "unique_texts": len(info["label_text"]),
+        "tokens": sum(count_tokens(t) for _, t in pairs),
+        "pairs_sharing_a_text": sum(n for n in per_label.values() if n > 1),
+        "augmented_pairs": sum(sum(s["augmented"]) for s in samples),
+        "removed": info["removed"],
+        "corrupt_reasons": info["corrupt_reasons"],
+        "bad_record_reasons": info["bad_record_reasons"],
+        "empty_captions_dropped": info["empty_captions_dropped"],
+        "truncated_captions": info["truncated_captions"],
+    }
+
+
+def summary_text(st: dict) -> str:
+    lines = [
+        "Curated image-text pairs",
+        f"  inputs                {st['inputs']:>10,}",
+        f"  images kept           {st['images']:>10,}",
+        f"  image-text pairs      {st['pairs']:>10,}",
+        f"  unique texts (labels) {st['unique_texts']:>10,}",
+        f"  tokens (CLIP BPE)     {st['tokens']:>10,}",
+        f"  pairs sharing a text  {st['pairs_sharing_a_text']:>10,}",
+        f"  prompt-augmented      {st['augmented_pairs']:>10,}",
+        "Removed (input records)",
+    ]
+    lines += [f"  {k:<21} {v:>10,}" for k, v in st["removed"].items()]
+    lines += [f"    corrupt: {k}: {v}" for k, v in st["corrupt_reasons"].items()]
+    lines += [f"  empty captions dropped from kept images: {st['empty_captions_dropped']}",
+              f"  captions cut to the token limit: {st['truncated_captions']}"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_stats(samples, count_tokens, out_dir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [count_tokens(t) for s in samples for t in s["captions"]]
+    per_label = Counter(lab for s in samples for lab in s["labels"])
+    for name, values, xlabel in (("caption_lengths.png", lengths, "caption length (CLIP BPE tokens)"),
+                                 ("positives_per_label.png", list(per_label.values()), "pairs per label (UniCL "
+                                  "positives)")):  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(values or [0], bins=min(50, max(len(set(values)), 1)))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("count")
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="JSONL / CSV files and folders of images with .txt")
+    p.add_argument("--out", required=True, help="output folder (shards, manifest, stats, plots)")
+    p.add_argument("--min-size", type=int, default=32, help="minimum shorter side in pixels (default 32)")
+    p.add_argument("--near-dup-threshold", type=int, default=4, help="max dHash Hamming distance (-1: off)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--short-words", type=int, default=3, help="captions of at most this many words get a prompt")
+    p.add_argument("--max-tokens", type=int, default=75, help="BPE tokens a caption may keep (77 minus start/end)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    for name in ("shard_size", "workers", "max_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
+    if not 0 <= args.near_dup_threshold < 64 and args.near_dup_threshold != -1:
+        p.error(f"--near-dup-threshold: expected -1 (off) or 0..63, got {args.near_dup_threshold}")
+    stats = curate(args)
+    if not args.quiet:
+        print(summary_text(stats), end="")
+    print(json.dumps({"stats": os.path.join(args.out, "stats.json"), "images": stats["images"],
+                      "pairs": stats["pairs"], "seconds": stats["seconds"]}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
