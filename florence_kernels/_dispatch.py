@@ -68,6 +68,22 @@ def _cuda_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``device_type`` (the fused ops then compute in it, as the
+    matmul-like ops they replace would), else None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_cast(device_type: str, *tensors):
+    """``tensors`` (None passes through) cast to the autocast dtype where autocast is on, else unchanged."""
+    dt = autocast_dtype(device_type)
+    if dt is None:
+        return tensors
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 # --- backends ------------------------------------------------------------------------------------------------
 
 

@@ -227,3 +227,22 @@ def test_zero_shot_and_linear_probe_on_a_tiny_model():
     x = centers[y] + torch.randn(60, 16, generator=g)
     res = linear_probe(x[:45], y[:45], x[45:], y[45:])
     assert res["test_acc"] == 1.0
+
+
+def test_bf16_autocast_runs_every_op_and_matches_reference_ops():
+    """Under torch.autocast the fused ops take the autocast dtype like the ops they replace (conv_embed casts its
+    convolution's operands; the attention reads the bf16 projections)."""
+    torch.manual_seed(0)
+    ref = florence.create_model("florence_cpu_test", vision={"drop_path_rate": 0.0}, backend="reference")
+    fused = florence.create_model("florence_cpu_test", vision={"drop_path_rate": 0.0})
+    fused.load_state_dict(ref.state_dict())
+    images, tokens = _inputs("florence_cpu_test")
+    outs = []
+    for m in (ref, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            u, e, s = m(images, tokens)
+        assert u.dtype == e.dtype == torch.bfloat16
+        (u.float() @ e.float().T * s).logsumexp(1).sum().backward()
+        outs.append([u.float(), e.float(), m.visual.embeds[0].proj.weight.grad])
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)

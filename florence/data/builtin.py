@@ -5,7 +5,7 @@ downloaded) as image-text pairs, in the curation command's input format.
 
 writes DIR/images/*.jpg (each digit upscaled to --size, bicubic, saved as JPEG), DIR/train.jsonl (one line per
 training image: {"image": "images/....jpg", "captions": [...], "label": digit}) for ``florence.data.curate``,
-DIR/test.jsonl (the held-out images with their class index) and DIR/classes.json (the class names, for zero-shot
+DIR/test.jsonl (the held-out images with their class index and captions, for zero-shot and retrieval) and DIR/classes.json (the class names, for zero-shot
 evaluation). Captions come in several styles per class and every style is shared by all images of the class, so
 many pairs share a text (UniCL positives); some are a bare word ("seven"), which curation augments with prompts.
 
@@ -94,7 +94,8 @@ def build_digits(out_dir: str, size: int = 64, test_fraction: float = 0.2, seed:
                  ({"image": f"images/digit_{i:04d}.jpg", "captions": captions(int(labels[i])), "label": int(labels[i])}
                   for i in train))  # fmt: skip
     _write_lines(os.path.join(out_dir, "test.jsonl"),
-                 ({"image": f"images/digit_{i:04d}.jpg", "label": int(labels[i])} for i in test))  # fmt: skip
+                 ({"image": f"images/digit_{i:04d}.jpg", "label": int(labels[i]), "captions": captions(int(labels[i]))}
+                  for i in test))  # fmt: skip
     summary = {"variant": "digits", "size": size, "train": int(len(train)), "test": int(len(test)),
                "classes": list(CLASS_NAMES), "captions_per_image": len(CAPTION_STYLES), "seed": seed}  # fmt: skip
     tmp = os.path.join(out_dir, "classes.json.tmp")

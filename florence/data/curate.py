@@ -241,12 +241,12 @@ class NearDuplicateIndex:
 # --- the pipeline ---------------------------------------------------------------------------------------------------
 
 
-def _progress(it, total, desc, quiet):
+def _progress(it, total, desc, quiet, unit="img"):
     if quiet:
         return it
     from tqdm import tqdm
 
-    return tqdm(it, total=total, desc=desc, unit="img", file=sys.stderr)
+    return tqdm(it, total=total, desc=desc, unit=unit, file=sys.stderr)
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
@@ -450,7 +450,7 @@ def curate(args) -> dict:
     done = {k: None for k in range(len(shards))}
     if jobs:
         with mp.Pool(min(args.workers, len(jobs))) as pool:
-            for res in _progress(pool.imap(write_shard, jobs), len(jobs), "shards", quiet):
+            for res in _progress(pool.imap(write_shard, jobs), len(jobs), "shards", quiet, "shard"):
                 done[int(res["path"][6:11])] = res
     manifest_shards = []
     for k, s in enumerate(shards):  # shards written by an earlier, killed run: describe them from disk

@@ -14,7 +14,11 @@ among captions that are not prompt augmentations (stage 2), where a sample has a
 
 Sharding for distributed training: samples are split between ranks by position in the epoch's order (torch path:
 rank r takes positions r, r + world_size, ...; DALI: its reader's contiguous split), so the ranks of one epoch see
-every sample exactly once; ``drop_last`` drops the last incomplete batch. Deterministic for a given seed.
+every sample exactly once; ``drop_last`` drops the last incomplete batch. Deterministic for a given seed. The torch
+path can also split each global batch (``split="global_batch"``): rank r takes the r-th slice of every batch of
+batch_size x world_size consecutive samples, so that the ranks' batches of a step together hold the very samples
+one process would take at that step (how training compares 2 ranks with 1). ``iterate(start_batch)`` resumes an
+epoch part-way (training restarts from a checkpoint's data position).
 
 - backend="dali": ``fn.readers.webdataset`` (with the curation's .idx files), ``fn.decoders.image`` (device
   "cpu" here with device_id=None, "mixed" on a GPU), ``fn.random_resized_crop``, ``fn.crop_mirror_normalize``.
@@ -100,8 +104,12 @@ class TorchPairs(torch.utils.data.Dataset):
     """The samples of one rank for one epoch, decoded and augmented; __getitem__ -> (image CHW float32, caption,
     label, key)."""
 
-    def __init__(self, data_dir, image_size, rank, world_size, seed, train, use_augmented):
+    def __init__(self, data_dir, image_size, rank, world_size, seed, train, use_augmented, split="interleave",
+                 batch_size=1, drop_last=False):  # fmt: skip
         manifest = load_manifest(data_dir)
+        if split not in ("interleave", "global_batch"):
+            raise ValueError(f"split: expected 'interleave' or 'global_batch', got {split!r}")
+        self.split, self.batch_size, self.drop_last = split, batch_size, drop_last
         self.data_dir, self.size, self.seed, self.train = data_dir, image_size, seed, train
         self.rank, self.world, self.use_augmented = rank, world_size, use_augmented
         self.entries = []  # (shard path, key, jpg offset, jpg size, json offset, json size), manifest order
@@ -115,10 +123,20 @@ class TorchPairs(torch.utils.data.Dataset):
         order = np.arange(len(self.entries))
         if self.train:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.entries))
-        self.positions = order[self.rank :: self.world]
+        if self.split == "interleave":
+            self.positions = order[self.rank :: self.world]
+        else:
+            g = self.batch_size * self.world
+            parts = []
+            end = len(order) - len(order) % g if self.drop_last else len(order)  # only whole global batches
+            for b0 in range(0, end, g):
+                gb = order[b0 : b0 + g]
+                parts.append(gb[self.rank * len(gb) // self.world : (self.rank + 1) * len(gb) // self.world])
+            self.positions = np.concatenate(parts) if parts else order[:0]
+        self.start = 0
 
     def __len__(self):
-        return len(self.positions)
+        return len(self.positions) - self.start
 
     def _read(self, path, offset, size):
         with open(path, "rb") as f:
@@ -129,7 +147,7 @@ class TorchPairs(torch.utils.data.Dataset):
         from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
-        path, key, jo, js, mo, ms = self.entries[self.positions[i]]
+        path, key, jo, js, mo, ms = self.entries[self.positions[self.start + i]]
         meta = json.loads(self._read(path, mo, ms))
         caption, label = pick_caption(meta, self.seed, self.epoch, self.use_augmented)
         with Image.open(io.BytesIO(self._read(path, jo, js))) as img:
@@ -164,6 +182,9 @@ class _Loader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def __iter__(self):
+        return self.iterate(0)
+
     def _batch(self, images, captions, labels, keys):
         return {"images": images.to(self.dtype), "tokens": self.tokenizer(list(captions)),
                 "labels": torch.as_tensor(labels, dtype=torch.long), "keys": list(keys)}  # fmt: skip
@@ -171,17 +192,21 @@ class _Loader:
 
 class TorchLoader(_Loader):
     def __init__(self, data_dir, batch_size, image_size, rank=0, world_size=1, seed=0, train=True, dtype=torch.float32,
-                 context_length=77, use_augmented=True, drop_last=False, num_workers=0):  # fmt: skip
+                 context_length=77, use_augmented=True, drop_last=False, num_workers=0,
+                 split="interleave"):  # fmt: skip
         super().__init__(batch_size, context_length, dtype, drop_last)
-        self.dataset = TorchPairs(data_dir, image_size, rank, world_size, seed, train, use_augmented)
+        self.dataset = TorchPairs(data_dir, image_size, rank, world_size, seed, train, use_augmented, split,
+                                  batch_size, drop_last)  # fmt: skip
         self.num_workers = num_workers
 
     def __len__(self):
+        self.dataset.set_epoch(self.epoch)
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self):
+    def iterate(self, start_batch: int = 0):
         self.dataset.set_epoch(self.epoch)
+        self.dataset.start = start_batch * self.batch_size
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
                                          num_workers=self.num_workers, drop_last=self.drop_last,
                                          persistent_workers=False)  # fmt: skip
@@ -239,13 +264,15 @@ class DaliLoader(_Loader):
         p.build()
         return p
 
-    def __iter__(self):
+    def iterate(self, start_batch: int = 0):
         pipe = self._pipeline(self.epoch)  # a fresh pipeline per epoch: its own shuffle and augmentation seeds
         remaining = self.shard_samples
-        for _ in range(len(self)):
+        for step in range(len(self)):
             images, metas = pipe.run()
             n = min(self.batch_size, remaining)
             remaining -= n
+            if step < start_batch:  # resuming part-way: DALI's reader cannot seek, the batches are drawn and dropped
+                continue
             if self.device_id is not None:
                 images = images.as_cpu()
             x = torch.from_numpy(np.asarray(images.as_array()))[:n]
@@ -289,6 +316,8 @@ def make_loader(data_dir: str, batch_size: int, image_size: int, *, backend: str
         if reason:
             raise RuntimeError(f"backend='dali': {reason}")
         kwargs.pop("num_workers", None)
+        if kwargs.pop("split", "interleave") != "interleave":
+            raise ValueError("split: the DALI loader splits by its reader's contiguous shards ('interleave' only)")
         return DaliLoader(data_dir, batch_size, image_size, **kwargs)
     kwargs.pop("num_threads", None)
     kwargs.pop("device_id", None)

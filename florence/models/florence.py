@@ -47,7 +47,8 @@ class Florence(nn.Module):
         self.text_projection = nn.Linear(self.text.num_features, embed_dim, bias=False)
         nn.init.normal_(self.image_projection.weight, std=self.visual.num_features**-0.5)
         nn.init.normal_(self.text_projection.weight, std=self.text.num_features**-0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # shape (1,), not 0-dim: DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
         self.max_logit_scale = max_logit_scale
         self.embed_dim = embed_dim
 
@@ -65,7 +66,7 @@ class Florence(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """exp(min(logit_scale, max_logit_scale)): the similarity multiplier (no gradient above the cap)."""
-        return self.logit_scale.clamp(max=self.max_logit_scale).exp()
+        return self.logit_scale.clamp(max=self.max_logit_scale).exp().squeeze(0)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         return self.encode_image(images), self.encode_text(tokens), self.scale()

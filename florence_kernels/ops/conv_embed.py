@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _env
-from .._dispatch import Backend, Op, register_op
+from .._dispatch import Backend, Op, autocast_cast, register_op
 
 try:
     import triton
@@ -380,6 +380,8 @@ def conv_embed(
         if t is not None and tuple(t.shape) != (c_out,):
             raise ValueError(f"{name}: expected shape ({c_out},) (C_out of weight), got {tuple(t.shape)}")
     stride, padding = _tuple("stride", stride, spatial), _tuple("padding", padding, spatial)
+    # Under autocast the convolution runs in the autocast dtype (as F.conv2d would); LayerNorm stays fp32 inside.
+    x, weight, bias = autocast_cast(x.device.type, x, weight, bias)
     if x.dtype != weight.dtype:
         raise ValueError(f"weight: expected dtype {x.dtype} (that of x), got {weight.dtype}")
     name = CONV_EMBED.select([x, weight], backend)

@@ -122,3 +122,18 @@ def test_index_files_equal_dalis_wds2idx(shards, tmp_path):
     shard = os.path.join(data_dir, "shard-00001.tar")
     subprocess.run([tool, shard, str(tmp_path / "ref.idx")], check=True, capture_output=True)
     assert open(os.path.join(data_dir, "shard-00001.idx")).read() == (tmp_path / "ref.idx").read_text()
+
+
+def test_global_batch_split_matches_one_process_and_resume_part_way(shards):
+    data_dir, _ = shards
+    one = make_loader(data_dir, 4, 32, backend="torch", seed=1, drop_last=True)
+    ranks = [make_loader(data_dir, 2, 32, backend="torch", seed=1, rank=r, world_size=2, drop_last=True,
+                         split="global_batch") for r in (0, 1)]  # fmt: skip
+    a = _epoch(one)
+    b0, b1 = _epoch(ranks[0]), _epoch(ranks[1])
+    assert len(a) == len(b0) == len(b1) == N // 4
+    for x, y, z in zip(a, b0, b1, strict=True):
+        assert x["keys"] == y["keys"] + z["keys"]
+        assert torch.equal(x["images"], torch.cat([y["images"], z["images"]]))
+    tail = list(one.iterate(start_batch=3))
+    assert [t["keys"] for t in tail] == [x["keys"] for x in a[3:]]

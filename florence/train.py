@@ -1,0 +1,557 @@
+"""Florence pretraining: DeepSpeed ZeRO, activation checkpointing, mixed precision, gradient cache, DALI input.
+
+    torchrun --nproc_per_node 2 -m florence.train --config configs/demo.yaml [--set key=value ...]
+    deepspeed --num_gpus 8 -m florence.train --config configs/base.yaml       (any launcher that sets RANK etc.)
+
+Without a GPU it runs on DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, set here when no GPU is present) with
+gloo. Config keys (YAML or JSON; ``--set a.b=v`` overrides, v parsed as YAML) and their defaults are in DEFAULTS.
+
+One optimizer step takes ``batch_size`` image-text pairs in all (split over ranks: each rank its slice of the same
+global batch). With ``chunk_size`` smaller than a rank's share, the step runs as a gradient cache (Gao et al.):
+every chunk's embeddings without autograd, the UniCL loss over the whole batch (features and labels gathered
+from every rank) and its gradient with respect to the embeddings and the logit scale, then every chunk again with
+autograd (the same random state as its first pass), each backpropagating its slice of that gradient through
+DeepSpeed (one micro-step per chunk, the optimizer at the last). Parameters are fp32; ``precision: bf16`` runs
+the encoders under autocast (LayerNorm, softmax and the loss in fp32), ``fp16`` uses DeepSpeed's loss scaling
+(GPU). AdamW without weight decay on norms, biases, position tables and the logit scale; linear warm-up, then
+cosine.
+
+Checkpoints (DeepSpeed's, per tag, plus every rank's random state) are complete before ``checkpoints/latest``
+names them (written atomically): a kill never leaves a half-written checkpoint in use. Restarting with the same
+config resumes from ``latest``: the data position is the step (the data order is a function of seed, epoch and
+step), so the next step's loss equals the uninterrupted run's. Rank 0 shows a progress bar (loss, images/s, ETA),
+appends metrics as JSON lines (``metrics.jsonl``), draws ``loss_curve.png`` and writes ``final_metrics.json``;
+zero-shot top-1/top-5 and retrieval recall@1/5 on the held-out split at every eval interval and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+DEFAULTS = {
+    "model": "florence_cpu_demo",
+    "model_overrides": {},
+    "backend": None,  # florence_kernels backend for every op (None: automatic)
+    "data": {"shards": None, "eval": None, "image_size": 64, "loader": "auto", "num_workers": 1},
+    "batch_size": 128,  # image-text pairs per optimizer step, all ranks together
+    "chunk_size": 0,  # gradient cache chunk per rank (0: no gradient cache)
+    "optimizer": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "grad_clip": 5.0},
+    "schedule": {"warmup_steps": 20, "min_lr_ratio": 0.0},
+    "precision": "fp32",  # fp32 | bf16 | fp16
+    "zero_stage": 0,
+    "activation_checkpointing": False,
+    "steps": 100,
+    "eval_interval": 0,  # 0: only at the end
+    "checkpoint_interval": 0,  # 0: only at the end
+    "keep_checkpoints": 2,
+    "seed": 0,
+    "output_dir": "runs/florence",
+    "resume": True,
+    "log_interval": 1,
+}
+
+
+# --- configuration ----------------------------------------------------------------------------------------------
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> dict:
+    import yaml
+
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        with open(path) as f:
+            user = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        unknown = set(user or {}) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        cfg = _merge(cfg, user or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value (nested keys with dots: optimizer.lr=1e-3)")
+        key, value = item.split("=", 1)
+        node, parts = cfg, key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        if parts[0] not in DEFAULTS:
+            raise ValueError(f"--set {key}: unknown key {parts[0]!r}; known: {sorted(DEFAULTS)}")
+        node[parts[-1]] = yaml.safe_load(value)
+    if cfg["precision"] not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision: expected fp32, bf16 or fp16, got {cfg['precision']!r}")
+    if cfg["zero_stage"] not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {cfg['zero_stage']!r}")
+    if not cfg["data"].get("shards"):
+        raise ValueError("data.shards: the curated shard folder (python -m florence.data.curate) is required")
+    return cfg
+
+
+# --- distributed set-up ------------------------------------------------------------------------------------------
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """DeepSpeed's process group (gloo on CPU, nccl on GPUs) from the launcher's RANK / WORLD_SIZE / MASTER_*; a
+    plain ``python -m florence.train`` is a group of one. (rank, world_size)."""
+    import socket
+
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", auto_mpi_discovery=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class TrainWrapper(torch.nn.Module):
+    """What DeepSpeed wraps: one module whose forward runs either tower or returns the scale, so that ZeRO-3 gathers
+    the right parameters for each call (the logit scale lives on the root)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, what: str, x: torch.Tensor | None = None):
+        if what == "image":
+            return self.model.encode_image(x)
+        if what == "text":
+            return self.model.encode_text(x)
+        return self.model.scale()
+
+
+def lr_lambda(cfg):
+    warm, total, floor = cfg["schedule"]["warmup_steps"], cfg["steps"], cfg["schedule"]["min_lr_ratio"]
+
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(total - warm, 1)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+def build_engine(cfg, model, world, device):
+    import deepspeed
+
+    per_rank = cfg["batch_size"] // world
+    chunk = cfg["chunk_size"] or per_rank
+    if cfg["batch_size"] % world or per_rank % chunk:
+        raise ValueError(f"batch_size {cfg['batch_size']}: must split evenly over {world} ranks and into chunks of "
+                         f"chunk_size {cfg['chunk_size']}")  # fmt: skip
+    wrapper = TrainWrapper(model)
+    no_decay = {f"model.{n}" for n in model.no_weight_decay_names()}
+    decay_p = [p for n, p in wrapper.named_parameters() if n not in no_decay]
+    plain_p = [p for n, p in wrapper.named_parameters() if n in no_decay]
+    o = cfg["optimizer"]
+    groups = [{"params": decay_p, "weight_decay": o["weight_decay"]}, {"params": plain_p, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ds = {
+        "train_batch_size": cfg["batch_size"],
+        "train_micro_batch_size_per_gpu": chunk,
+        "gradient_accumulation_steps": per_rank // chunk,
+        "gradient_clipping": o["grad_clip"],
+        "zero_optimization": {"stage": cfg["zero_stage"]},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg["precision"] == "fp16":
+        if device == "cpu":
+            raise ValueError("precision fp16: DeepSpeed's loss-scaled fp16 needs a GPU; use bf16 or fp32 on CPU")
+        ds["fp16"] = {"enabled": True}
+    engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine, per_rank, chunk
+
+
+# --- one step ----------------------------------------------------------------------------------------------------
+
+
+def train_step(engine, images, tokens, labels, chunk, autocast, backend):
+    """One optimizer step on this rank's slice of the global batch; returns the whole batch's loss (detached)."""
+    import florence_kernels as fk
+    from florence_kernels.gradcache import RngState
+
+    def loss_fn(u, v, s):
+        return fk.contrastive_loss(u.float(), v.float(), s, labels, backend=backend)
+
+    n = images.shape[0]
+    if chunk >= n:
+        with autocast():
+            u, v = engine("image", images), engine("text", tokens)
+        loss = loss_fn(u, v, engine("scale"))
+        engine.backward(loss)
+        engine.step()
+        return _global_mean(loss.detach())
+    img_chunks, tok_chunks = images.split(chunk), tokens.split(chunk)
+    devices = [images.device.index or 0] if images.is_cuda else []
+    states, us, vs = [], [], []
+    with torch.no_grad():
+        for ic, tc in zip(img_chunks, tok_chunks, strict=True):
+            states.append(RngState(devices))
+            with autocast():
+                us.append(engine("image", ic).float())
+                vs.append(engine("text", tc).float())
+        scale = engine("scale").detach()
+    after = RngState(devices)
+    u, v, s = torch.cat(us).requires_grad_(), torch.cat(vs).requires_grad_(), scale.requires_grad_()
+    loss = loss_fn(u, v, s)
+    gu, gv, gs = torch.autograd.grad(loss, [u, v, s])
+    for i, (ic, tc, state) in enumerate(zip(img_chunks, tok_chunks, states, strict=True)):
+        state.restore()
+        with autocast():
+            ui, vi = engine("image", ic), engine("text", tc)
+        sl = slice(i * chunk, i * chunk + ic.shape[0])
+        surrogate = (ui.float() * gu[sl]).sum() + (vi.float() * gv[sl]).sum()
+        if i == len(img_chunks) - 1:
+            surrogate = surrogate + gs * engine("scale")
+        engine.backward(surrogate, scale_wrt_gas=False)
+        engine.step()
+    after.restore()
+    return _global_mean(loss.detach())
+
+
+def _global_mean(x: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= torch.distributed.get_world_size()
+    return x
+
+
+# --- evaluation --------------------------------------------------------------------------------------------------
+
+
+def load_eval_set(folder: str, image_size: int):
+    """(images (N, 3, S, S) normalised, labels (N,), class names, captions, caption -> image index) from a folder
+    with test.jsonl ({"image", "label", optional "captions"}) and classes.json ({"classes": [...]})."""
+    import numpy as np
+    from PIL import Image
+
+    from florence.data.loader import MEAN, STD
+
+    with open(os.path.join(folder, "classes.json")) as f:
+        classes = json.load(f)["classes"]
+    images, labels, captions, owner = [], [], [], []
+    with open(os.path.join(folder, "test.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            with Image.open(os.path.join(folder, row["image"])) as img:
+                img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                images.append(np.asarray(img))
+            labels.append(int(row["label"]))
+            for c in row.get("captions", []):
+                captions.append(c)
+                owner.append(len(images) - 1)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return x, torch.tensor(labels), classes, captions, torch.tensor(owner, dtype=torch.long)
+
+
+@torch.no_grad()
+def evaluate(engine, eval_set, context_length, autocast, device) -> dict:
+    """Zero-shot top-1/top-5 (prompt ensembles) and retrieval recall@1/5 on the held-out split. Every rank runs it
+    (ZeRO-3 needs all ranks in every forward); the results are identical."""
+    from florence.eval import TEMPLATES, retrieval_recall, topk_accuracy
+    from florence.tokenizer import get_tokenizer
+
+    images, labels, classes, captions, owner = eval_set
+    tok = get_tokenizer(context_length)
+    was_training = engine.module.training
+    engine.module.eval()
+    with autocast():
+        img = torch.cat([engine("image", images[i : i + 256].to(device)).float() for i in range(0, len(images), 256)])
+        weights = []
+        for name in classes:
+            t = engine("text", tok([tmpl.format(name) for tmpl in TEMPLATES]).to(device)).float()
+            weights.append(torch.nn.functional.normalize(torch.nn.functional.normalize(t, dim=-1).mean(0), dim=0))
+        out = {f"zero_shot_{k}": v for k, v in topk_accuracy(img @ torch.stack(weights).T, labels.to(device)).items()}
+        if captions:
+            txt = torch.cat([engine("text", tok(captions[i : i + 256]).to(device)).float()
+                             for i in range(0, len(captions), 256)])  # fmt: skip
+            out.update(retrieval_recall(img, txt, owner.to(device), ks=(1, 5)))
+    engine.module.train(was_training)
+    return out
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def _atomic_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, ckpt_dir, step, rank, world, keep):
+    tag = f"step{step:07d}"
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
+    rng_path = os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt")
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                else None}, rng_path + ".tmp")  # fmt: skip
+    os.replace(rng_path + ".tmp", rng_path)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        _atomic_text(os.path.join(ckpt_dir, "latest"), tag)
+        tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and t != tag)
+        import shutil
+
+        for old in tags[: max(len(tags) - (keep - 1), 0)]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def load_checkpoint(engine, ckpt_dir, rank) -> int:
+    """The step to continue from (0 without a checkpoint)."""
+    latest = os.path.join(ckpt_dir, "latest")
+    if not os.path.exists(latest):
+        return 0
+    tag = open(latest).read().strip()
+    _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if client is None:
+        raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+    rng = torch.load(os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"), weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(client["step"])
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """JSON lines in output_dir/metrics.jsonl (rank 0); on resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: str, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if _line_step(line) is not None and _line_step(line) <= resume_step]
+            _atomic_text(path, "".join(kept))
+
+    def log(self, **row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+
+
+def _line_step(line):
+    try:
+        return json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def plot_loss(metrics_path: str, out_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()] if os.path.exists(metrics_path) else []
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["zero_shot_top1"]) for r in rows if "zero_shot_top1" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot([t[0] for t in train], [t[1] for t in train], label="UniCL loss", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="tab:green", label="zero-shot top-1")
+        ax2.set_ylabel("zero-shot top-1")
+        ax2.set_ylim(0, 1)
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    tmp = out_path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+
+
+# --- the run ---------------------------------------------------------------------------------------------------------
+
+
+def run(cfg: dict) -> dict:
+    import contextlib
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    rank, world = init_distributed(device)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(cfg["seed"])
+    import florence
+    from florence.data.loader import make_loader
+
+    out_dir = cfg["output_dir"]
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        _atomic_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+    if world > 1:
+        torch.distributed.barrier()
+    precision = cfg["precision"]
+    if precision == "bf16" and device == "cpu" and not cpu_supports_bf16():
+        if rank == 0:
+            print("precision bf16: this CPU has no bf16 instructions (avx512_bf16 / amx); running fp32", flush=True)
+        precision = "fp32"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": None, "fp32": None}[precision]
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device, dtype=amp_dtype)
+
+    model = florence.create_model(cfg["model"], **cfg["model_overrides"], backend=cfg["backend"])
+    model.set_grad_checkpointing(bool(cfg["activation_checkpointing"]))
+    engine, per_rank, chunk = build_engine(cfg, model, world, device)
+    step = load_checkpoint(engine, ckpt_dir, rank) if cfg["resume"] else 0
+    context = model.text.context_length
+    d = cfg["data"]
+    kw = dict(rank=rank, world_size=world, seed=cfg["seed"], train=True, drop_last=True, context_length=context)
+    loader = make_loader(d["shards"], per_rank, d["image_size"], backend=d["loader"],
+                         **kw, **({"split": "global_batch", "num_workers": d.get("num_workers", 1)}
+                                  if _loader_kind(d["loader"]) == "torch" else {}))  # fmt: skip
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg['batch_size']}: larger than one epoch of {d['shards']}")
+    eval_set = load_eval_set(d["eval"], d["image_size"]) if d.get("eval") else None
+    metrics = Metrics(os.path.join(out_dir, "metrics.jsonl"), step, rank == 0)
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg["steps"], initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    engine.train()
+    t_start, seen, last_eval = time.time(), 0, {}
+    delay = float(os.environ.get("FLORENCE_TRAIN_STEP_DELAY", "0"))  # test hook: widen the window for a kill
+    while step < cfg["steps"]:
+        epoch, start = divmod(step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        for batch in loader.iterate(start):
+            if step >= cfg["steps"]:
+                break
+            t0 = time.time()
+            images = batch["images"].to(device)
+            tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+            loss = train_step(engine, images, tokens, labels, chunk, autocast, cfg["backend"])
+            step += 1
+            if delay:
+                time.sleep(delay)
+            dt = time.time() - t0
+            seen += cfg["batch_size"]
+            ips = seen / (time.time() - t_start)
+            if step % cfg["log_interval"] == 0 or step == cfg["steps"]:
+                metrics.log(step=step, epoch=epoch, loss=loss.item(), lr=engine.get_lr()[0], step_seconds=dt,
+                            images_per_s=ips)  # fmt: skip
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{ips:.0f}")
+                bar.update(1)
+            if (
+                eval_set is not None
+                and cfg["eval_interval"]
+                and step % cfg["eval_interval"] == 0
+                and step < cfg["steps"]
+            ):
+                last_eval = evaluate(engine, eval_set, context, autocast, device)
+                metrics.log(step=step, **last_eval)
+                if bar is not None:
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items()))
+            if cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step < cfg["steps"]:
+                save_checkpoint(engine, ckpt_dir, step, rank, world, cfg["keep_checkpoints"])
+    if bar is not None:
+        bar.close()
+    save_checkpoint(engine, ckpt_dir, step, rank, world, cfg["keep_checkpoints"])
+    final = {"step": step, "train_seconds": round(time.time() - t_start, 1), "world_size": world,
+             "precision": precision, "zero_stage": cfg["zero_stage"],
+             "peak_rss_mb_per_rank": _peak_rss_per_rank(world)}  # fmt: skip
+    if eval_set is not None:
+        final.update(evaluate(engine, eval_set, context, autocast, device))
+        metrics.log(step=step, **{k: v for k, v in final.items() if k.startswith(("zero_shot", "i2t", "t2i"))})
+    if rank == 0:
+        final["metrics"] = os.path.join(out_dir, "metrics.jsonl")
+        plot_loss(final["metrics"], os.path.join(out_dir, "loss_curve.png"))
+        final["loss_curve"] = os.path.join(out_dir, "loss_curve.png")
+        final["checkpoint"] = os.path.join(ckpt_dir, open(os.path.join(ckpt_dir, "latest")).read().strip())
+        _atomic_text(os.path.join(out_dir, "final_metrics.json"), json.dumps(final, indent=1) + "\n")
+    return final
+
+
+def _peak_rss_per_rank(world: int) -> list[float]:
+    import resource
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    if world == 1:
+        return [round(mine, 1)]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, round(mine, 1))
+    return out
+
+
+def _loader_kind(name: str) -> str:
+    from florence.data.loader import dali_available
+
+    if name == "auto":
+        return "dali" if dali_available() is None else "torch"
+    return name
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="YAML or JSON file (keys: see florence.train.DEFAULTS)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optimizer.lr=1e-3")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    final = run(cfg)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        if "zero_shot_top1" in final:
+            print(f"zero-shot top-1: {100 * final['zero_shot_top1']:.1f}%  top-5: {100 * final['zero_shot_top5']:.1f}%")
+        if "i2t_r1" in final:
+            print(
+                f"retrieval recall@1 image->text {100 * final['i2t_r1']:.1f}%, text->image {100 * final['t2i_r1']:.1f}%"
+            )
+        print(f"loss curve: {final['loss_curve']}")
+        print(f"checkpoint: {final['checkpoint']}")
+        print(f"final metrics: {os.path.join(cfg['output_dir'], 'final_metrics.json')}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""florence.train end to end on CPU (DeepSpeed's CPU accelerator, gloo): ZeRO stages 1-3 on 2 ranks give the
+losses of 1 process without ZeRO on the same global batches; gradient cache on/off and activation checkpointing
+on/off give the same parameters after a step; a run killed after a checkpoint and restarted continues with the
+losses of the uninterrupted run; config errors name the key."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from florence.data import builtin, curate
+from florence.train import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("deepspeed")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    builtin.build_digits(str(root / "digits"), size=32)
+    curate.main(["--input", str(root / "digits" / "train.jsonl"), "--out", str(root / "shards"), "--min-size", "8",
+                 "--near-dup-threshold", "-1", "--shard-size", "256", "--quiet"])  # fmt: skip
+    return root
+
+
+def _args(data, out, **over):
+    cfg = {"model": "florence_cpu_test", "model_overrides.vision.drop_path_rate": 0.0, "data.shards": data / "shards",
+           "data.eval": "null", "data.image_size": 32, "data.loader": "torch", "data.num_workers": 0,
+           "batch_size": 16, "chunk_size": 0, "precision": "fp32", "zero_stage": 0, "steps": 4, "seed": 0,
+           "schedule.warmup_steps": 2, "optimizer.lr": 1e-3, "output_dir": out}  # fmt: skip
+    cfg.update(over)
+    return ["--set"] + [f"{k}={v}" for k, v in cfg.items()]
+
+
+def _train(data, out, nproc=1, env=None, **over):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]  # fmt: skip
+    cmd = launcher + ["-m", "florence.train"] + _args(data, out, **over)
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env or {}))
+    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _losses(out):
+    path = os.path.join(out, "metrics.jsonl")
+    rows = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written while the test polls
+            pass
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _params(out):
+    ckpt = os.path.join(out, "checkpoints")
+    tag = open(os.path.join(ckpt, "latest")).read().strip()
+    state = torch.load(os.path.join(ckpt, tag, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    return state
+
+
+def test_zero_stages_on_two_ranks_match_one_process(data, tmp_path):
+    _train(data, tmp_path / "one", steps=5)
+    ref = _losses(tmp_path / "one")
+    assert sorted(ref) == [1, 2, 3, 4, 5] and ref[5] < ref[1]
+    for stage in (1, 2, 3):
+        out = tmp_path / f"zero{stage}"
+        _train(data, out, nproc=2, zero_stage=stage, steps=5)
+        got = _losses(out)
+        for s in ref:  # fp32; the reductions run in a different order on 2 ranks
+            assert got[s] == pytest.approx(ref[s], rel=2e-5, abs=2e-5), (stage, s, got, ref)
+
+
+def test_gradient_cache_and_activation_checkpointing_give_the_same_parameters(data, tmp_path):
+    _train(data, tmp_path / "plain", steps=1)
+    _train(data, tmp_path / "cached", steps=1, chunk_size=4)
+    _train(data, tmp_path / "ckpt", steps=1, activation_checkpointing="true")
+    a, b, c = _params(tmp_path / "plain"), _params(tmp_path / "cached"), _params(tmp_path / "ckpt")
+    assert _losses(tmp_path / "plain")[1] == pytest.approx(_losses(tmp_path / "cached")[1], rel=1e-6)
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"gradient cache: {k}")
+        torch.testing.assert_close(c[k], a[k], rtol=1e-5, atol=1e-6, msg=f"activation checkpointing: {k}")
+    init = _params_after_zero_steps(data, tmp_path)
+    moved = sum(not torch.equal(init[k], a[k]) for k in a)
+    assert moved > len(a) // 2  # the step did update the parameters
+
+
+def _params_after_zero_steps(data, tmp_path):
+    _train(data, tmp_path / "none", steps=0)
+    return _params(tmp_path / "none")
+
+
+def test_killed_run_resumes_with_the_uninterrupted_losses(data, tmp_path):
+    _train(data, tmp_path / "full", steps=8, checkpoint_interval=3)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "florence.train"] + _args(data, out, steps=8, checkpoint_interval=3)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, FLORENCE_TRAIN_STEP_DELAY="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() == "step0000003" and max(_losses(out), default=0) >= 4:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(_losses(out)) < 8
+    _train(data, out, steps=8, checkpoint_interval=3)
+    full, resumed = _losses(tmp_path / "full"), _losses(out)
+    assert sorted(resumed) == list(range(1, 9))
+    for s in range(1, 9):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-6, abs=1e-7), (s, resumed, full)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown config keys \\['stepz'\\]"):
+        (tmp_path / "c.yaml").write_text("stepz: 3\n")
+        load_config(str(tmp_path / "c.yaml"))
+    with pytest.raises(ValueError, match="data.shards: the curated shard folder"):
+        load_config(None, ["steps=3"])
+    with pytest.raises(ValueError, match="precision: expected fp32, bf16 or fp16"):
+        load_config(None, ["data.shards=x", "precision=fp8"])
