@@ -27,11 +27,16 @@ def main(argv=None) -> int:
     args = harness.finish_args(parser.parse_args(argv))
     all_rows, status = [], 0
     for name in bench_modules():
-        mod = importlib.import_module(name)
-        if args.only and mod.NAME not in args.only:
+        try:
+            mod = importlib.import_module(name)
+            if args.only and mod.NAME not in args.only:
+                continue
+            # A module with its own run(args) (multi-process benchmarks such as bench_train) measures itself.
+            rows = mod.run(args) if hasattr(mod, "run") else harness.run(name, args)
+        except Exception as e:  # one bench that cannot run here (a missing package) must not stop the others
+            print(f"{name}: failed, skipped: {type(e).__name__}: {e}", file=sys.stderr)
+            status = 1
             continue
-        # A module with its own run(args) (multi-process benchmarks such as bench_train) measures itself.
-        rows = mod.run(args) if hasattr(mod, "run") else harness.run(name, args)
         all_rows += rows
         paths = harness.save_all(rows, args.out, mod)
         print(f"{mod.NAME}: rows appended to {', '.join(paths)}", file=sys.stderr)

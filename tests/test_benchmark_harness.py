@@ -109,3 +109,20 @@ def test_cpu_timing_interleaves_providers_and_drops_a_failing_one(capsys):
     assert set(times) == {"a", "b"} and len(times["a"]) == len(times["b"]) == 3
     assert order == ["a", "b"] * 4  # one warm-up round, then three rounds, round-robin
     assert "c failed: RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_a_bench_that_cannot_run_does_not_stop_the_others(monkeypatch, tmp_path, capsys):
+    """On a bare GPU machine a bench whose package is missing is reported and skipped; the rest still run."""
+    import benchmarks.__main__ as cli
+
+    fake = types.ModuleType("benchmarks.bench_fake_ok")
+    fake.NAME = "fake_ok"
+    fake.run = lambda args: [{"bench": "fake_ok", "case": "c", "provider": "reference", "mode": "full",
+                              "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "dtype": "fp32", "device_name": "cpu",
+                              "torch": torch.__version__, "triton": None, "commit": "x"}]  # fmt: skip
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_fake_ok", fake)
+    monkeypatch.setattr(cli, "bench_modules", lambda: ["benchmarks.bench_missing_package", "benchmarks.bench_fake_ok"])
+    status = cli.main(["--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 1 and "benchmarks.bench_missing_package: failed, skipped: ModuleNotFoundError" in err
+    assert (tmp_path / "fake_ok.jsonl").exists()
