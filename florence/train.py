@@ -36,6 +36,8 @@ import time
 
 import torch
 
+from florence_kernels._io import atomic_write, atomic_write_text
+
 DEFAULTS = {
     "model": "florence_cpu_demo",
     "model_overrides": {},
@@ -301,26 +303,16 @@ def evaluate(engine, eval_set, context_length, autocast, device) -> dict:
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
 
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine, ckpt_dir, step, rank, world, keep):
     tag = f"step{step:07d}"
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
     rng_path = os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt")
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                else None}, rng_path + ".tmp")  # fmt: skip
-    os.replace(rng_path + ".tmp", rng_path)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    atomic_write(rng_path, lambda tmp: torch.save(rng, tmp))
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        _atomic_text(os.path.join(ckpt_dir, "latest"), tag)
+        atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
         tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and t != tag)
         import shutil
 
@@ -357,7 +349,7 @@ class Metrics:
         if enabled and os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if _line_step(line) is not None and _line_step(line) <= resume_step]
-            _atomic_text(path, "".join(kept))
+            atomic_write_text(path, "".join(kept))
 
     def log(self, **row):
         if self.enabled:
@@ -394,10 +386,8 @@ def plot_loss(metrics_path: str, out_path: str) -> None:
         ax2.set_ylim(0, 1)
     fig.legend(loc="upper right")
     fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, out_path)
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
@@ -420,7 +410,7 @@ def run(cfg: dict) -> dict:
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
-        _atomic_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=1, sort_keys=True) + "\n")
     if world > 1:
         torch.distributed.barrier()
     precision = cfg["precision"]
@@ -506,7 +496,7 @@ def run(cfg: dict) -> dict:
         plot_loss(final["metrics"], os.path.join(out_dir, "loss_curve.png"))
         final["loss_curve"] = os.path.join(out_dir, "loss_curve.png")
         final["checkpoint"] = os.path.join(ckpt_dir, open(os.path.join(ckpt_dir, "latest")).read().strip())
-        _atomic_text(os.path.join(out_dir, "final_metrics.json"), json.dumps(final, indent=1) + "\n")
+        atomic_write_text(os.path.join(out_dir, "final_metrics.json"), json.dumps(final, indent=1) + "\n")
     return final
 
 

@@ -23,6 +23,8 @@ import sys
 
 import numpy as np
 
+from florence_kernels._io import atomic_write, atomic_write_text
+
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Several caption styles per class; {name} is the word, {digit} the numeral. The bare-word styles are "short
 # texts" that curation turns into prompts (stage-1 augmentation).
@@ -62,11 +64,7 @@ def _split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndar
 
 
 def _write_lines(path: str, rows) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def build_digits(out_dir: str, size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> dict:
@@ -83,9 +81,8 @@ def build_digits(out_dir: str, size: int = 64, test_fraction: float = 0.2, seed:
     for i, img in enumerate(images):
         path = os.path.join(img_dir, f"digit_{i:04d}.jpg")
         if not os.path.exists(path):
-            tmp = path + ".tmp.jpg"
-            Image.fromarray(img, mode="L").convert("RGB").save(tmp, quality=95)
-            os.replace(tmp, path)
+            rgb = Image.fromarray(img, mode="L").convert("RGB")
+            atomic_write(path, lambda tmp, rgb=rgb: rgb.save(tmp, format="JPEG", quality=95))
 
     def captions(y):
         return [s.format(name=CLASS_NAMES[y], digit=y) for s in CAPTION_STYLES]
@@ -98,10 +95,7 @@ def build_digits(out_dir: str, size: int = 64, test_fraction: float = 0.2, seed:
                   for i in test))  # fmt: skip
     summary = {"variant": "digits", "size": size, "train": int(len(train)), "test": int(len(test)),
                "classes": list(CLASS_NAMES), "captions_per_image": len(CAPTION_STYLES), "seed": seed}  # fmt: skip
-    tmp = os.path.join(out_dir, "classes.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "classes.json"))
+    atomic_write_text(os.path.join(out_dir, "classes.json"), json.dumps(summary, indent=1) + "\n")
     return summary
 
 

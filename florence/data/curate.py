@@ -53,6 +53,8 @@ import time
 import unicodedata
 from collections import Counter
 
+from florence_kernels._io import atomic_write, atomic_write_bytes, atomic_write_text
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
 PROMPTS = (
@@ -249,17 +251,8 @@ def _progress(it, total, desc, quiet, unit="img"):
     return tqdm(it, total=total, desc=desc, unit=unit, file=sys.stderr)
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_json(path: str, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def analyse_all(records, work_dir, workers, quiet) -> list[dict | None]:
@@ -384,7 +377,7 @@ def write_shard(job) -> dict:
     data = buf.getvalue()
     if delay:  # test hook (FLORENCE_CURATE_SHARD_DELAY): widen the window in which a kill lands mid-run
         time.sleep(delay)
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     write_dali_index(path)
     return {"path": os.path.basename(path), "samples": len(samples), "pairs": sum(len(s["captions"]) for s in samples),
             "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
@@ -412,7 +405,7 @@ def write_dali_index(tar_path: str) -> bool:
     if comps:
         lines.append(" ".join(comps))
     text = f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n"
-    _atomic_write_bytes(os.path.splitext(tar_path)[0] + ".idx", text.encode())
+    atomic_write_bytes(os.path.splitext(tar_path)[0] + ".idx", text.encode())
     return True
 
 
@@ -433,6 +426,9 @@ def curate(args) -> dict:
 
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
+    for name in os.listdir(args.out):  # temporary files of a killed run (atomic_write's): never outputs
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(args.out, name))
     records = read_inputs(args.input)
     quiet = args.quiet
     analysis = analyse_all(records, os.path.join(args.out, ".work"), args.workers, quiet)
@@ -478,7 +474,7 @@ def curate(args) -> dict:
     }
     _atomic_json(os.path.join(args.out, "manifest.json"), manifest)
     _atomic_json(os.path.join(args.out, "stats.json"), stats)
-    _atomic_write_bytes(os.path.join(args.out, "summary.txt"), summary_text(stats).encode())
+    atomic_write_bytes(os.path.join(args.out, "summary.txt"), summary_text(stats).encode())
     plot_stats(samples, count_tokens, args.out)
     stats["seconds"] = round(time.time() - t0, 2)
     return stats
@@ -538,11 +534,8 @@ def plot_stats(samples, count_tokens, out_dir) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("count")
         fig.tight_layout()
-        path = os.path.join(out_dir, name)
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=100)
+        atomic_write(os.path.join(out_dir, name), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
-        os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

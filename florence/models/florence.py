@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from florence_kernels._io import atomic_write, atomic_write_text
 
 from .coswin import CoSwin
 from .text import TextTransformer
@@ -87,9 +88,12 @@ class Florence(nn.Module):
 
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory, WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-        text = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
-        _atomic_write(directory, CONFIG_NAME, lambda path: open(path, "w").write(text))
+        atomic_write(
+            os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
+        )
+        atomic_write_text(
+            os.path.join(directory, CONFIG_NAME), json.dumps(self.config, indent=2, sort_keys=True) + "\n"
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu", **overrides) -> Florence:
@@ -123,17 +127,3 @@ def load_state_dict_strict(model: nn.Module, state: dict, source: str = "checkpo
                 parts.append(f"{what}: {shown}")
         raise ValueError(f"{source} does not match the model ({type(model).__name__}): " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
-
-
-def _atomic_write(directory: str, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
