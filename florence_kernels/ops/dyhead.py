@@ -227,6 +227,18 @@ if HAS_TRITON:
         return tl.load(T + b * sb + c * sc + (i // W) * sh + (i % W) * sw, mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _term_weights(PI, b, N_TERMS: tl.constexpr):
+        """pi[b, k] / n for the sample's terms (0 for the absent ones)."""
+        p0 = tl.load(PI + b * N_TERMS).to(tl.float32) / N_TERMS
+        p1 = 0.0
+        p2 = 0.0
+        if N_TERMS > 1:
+            p1 = tl.load(PI + b * N_TERMS + 1).to(tl.float32) / N_TERMS
+        if N_TERMS > 2:
+            p2 = tl.load(PI + b * N_TERMS + 2).to(tl.float32) / N_TERMS
+        return p0, p1, p2
+
+    @triton.jit
     def _scale_task_fwd_kernel(
         T0, T1, T2, PI, Y, OUT, C, HW, W,
         s0b, s0c, s0h, s0w, s1b, s1c, s1h, s1w, s2b, s2c, s2h, s2w,
@@ -236,11 +248,7 @@ if HAS_TRITON:
         b = pid // C
         c = pid % C
         a1, b1, a2, b2 = _coeffs(Y, pid, C)
-        p0 = tl.load(PI + b * N_TERMS).to(tl.float32) / N_TERMS
-        if N_TERMS > 1:
-            p1 = tl.load(PI + b * N_TERMS + 1).to(tl.float32) / N_TERMS
-        if N_TERMS > 2:
-            p2 = tl.load(PI + b * N_TERMS + 2).to(tl.float32) / N_TERMS
+        p0, p1, p2 = _term_weights(PI, b, N_TERMS)
         for s in range(0, HW, BLOCK):
             i = s + tl.arange(0, BLOCK)
             ok = i < HW
@@ -263,11 +271,7 @@ if HAS_TRITON:
         b = pid // C
         c = pid % C
         a1, b1, a2, b2 = _coeffs(Y, pid, C)
-        p0 = tl.load(PI + b * N_TERMS).to(tl.float32) / N_TERMS
-        if N_TERMS > 1:
-            p1 = tl.load(PI + b * N_TERMS + 1).to(tl.float32) / N_TERMS
-        if N_TERMS > 2:
-            p2 = tl.load(PI + b * N_TERMS + 2).to(tl.float32) / N_TERMS
+        p0, p1, p2 = _term_weights(PI, b, N_TERMS)
         s_a1 = tl.zeros((BLOCK,), tl.float32)
         s_b1 = tl.zeros((BLOCK,), tl.float32)
         s_a2 = tl.zeros((BLOCK,), tl.float32)
