@@ -20,6 +20,17 @@ import time
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
+# The element types the AOT specs compile for, by the names Triton's signatures use.
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str):
+    """torch dtype of a signature element-type name ("fp32" -> torch.float32)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
 def kernel_spec(name: str, kernel, constexprs: dict, pointers: dict, num_warps: int, scalars: dict | None = None):
     """One entry for :func:`all_specs`: arguments in ``constexprs`` are compile-time constants, those in ``pointers``
     map to their element type (``"fp32"`` -> ``*fp32``), those in ``scalars`` to their type; the rest are i32."""

@@ -556,15 +556,14 @@ def triton_aot_specs() -> list[dict]:
     """Every configuration the launchers can pick: per dtype, each BLOCK_D from 16 to TRITON_MAX_DIM."""
     if not HAS_TRITON:
         return []
-    from ..triton_aot import kernel_spec
+    from ..triton_aot import kernel_spec, torch_dtype
 
     specs = []
-    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     dims = [16 * 2**k for k in range(6) if 16 * 2**k <= TRITON_MAX_DIM]
     for dtype in ("fp32", "fp16", "bf16"):
         pointers = {"A": dtype, "B": dtype, "DA": "fp32"} | dict.fromkeys(("SCALE", "R", "C", "GR", "GC", "GS"), "fp32")
         for D in dims:
-            cfg = triton_lse_config(D, torch_dtypes[dtype])
+            cfg = triton_lse_config(D, torch_dtype(dtype))
             constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "IEEE")} | {"UPCAST": False}
             for kernel in (_lse_rows_kernel, _lse_bwd_rows_kernel):
                 specs.append(kernel_spec(f"{kernel.__name__}[{dtype},D={D}]", kernel, constexprs, pointers,

@@ -399,14 +399,13 @@ def triton_aot_specs() -> list[dict]:
     """Every block the launcher can pick (C_out up to TRITON_MAX_COUT), with bias and LayerNorm affine."""
     if not HAS_TRITON:
         return []
-    from ..triton_aot import kernel_spec
+    from ..triton_aot import kernel_spec, torch_dtype
 
     specs = []
-    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for dtype in ("fp32", "fp16", "bf16"):
         pointers = dict.fromkeys(("X", "Wt", "BIAS", "NW", "NB", "OUT", "XHAT"), dtype) | {"RSTD": "fp32"}
         for c_out in [16 * 2**k for k in range(6) if 16 * 2**k <= TRITON_MAX_COUT]:
-            cfg = triton_conv_embed_config(c_out, torch_dtypes[dtype])
+            cfg = triton_conv_embed_config(c_out, torch_dtype(dtype))
             constexprs = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")}
             constexprs |= {"UPCAST": False, "HAS_BIAS": True, "HAS_NW": True, "HAS_NB": True}
             specs.append(kernel_spec(f"_conv_embed_kernel[{dtype},C_out={c_out}]", _conv_embed_kernel, constexprs,

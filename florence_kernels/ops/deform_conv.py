@@ -380,14 +380,13 @@ def triton_aot_specs() -> list[dict]:
     """The forward kernel at every BLOCK_O the launcher picks, 3x3 taps (DyHead), with mask and bias."""
     if not HAS_TRITON:
         return []
-    from ..triton_aot import kernel_spec
+    from ..triton_aot import kernel_spec, torch_dtype
 
     specs = []
-    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for dtype in ("fp32", "fp16", "bf16"):
         pointers = dict.fromkeys(("X", "OFF", "MASK", "Wt", "BIAS", "OUT"), dtype)
         for block_o in (16, 32, 64, 128):
-            cfg = triton_dcn_config(block_o, torch_dtypes[dtype])
+            cfg = triton_dcn_config(block_o, torch_dtype(dtype))
             constexprs = {k: cfg[k] for k in ("BLOCK_P", "BLOCK_O", "BLOCK_C", "IEEE")}
             constexprs |= {"UPCAST": False, "KK": 9, "HAS_MASK": True, "HAS_BIAS": True}
             specs.append(kernel_spec(f"_dcn_fwd_kernel[{dtype},BLOCK_O={block_o}]", _dcn_fwd_kernel, constexprs,

@@ -119,6 +119,24 @@ if HAS_TRITON:
         return a1, b1, a2, b2
 
     @triton.jit
+    def _max_grad_split(x, g, a1, b1, a2, b2):
+        """The incoming gradient's shares of max(a1 x + b1, a2 x + b2): torch.maximum's rule (to the larger map,
+        halves on ties)."""
+        v1 = a1 * x + b1
+        v2 = a2 * x + b2
+        g1 = tl.where(v1 > v2, g, tl.where(v1 == v2, 0.5 * g, 0.0))
+        return g1, g - g1
+
+    @triton.jit
+    def _store_coeff_grads(DY, pid, C, s_a1, s_b1, s_a2, s_b2):
+        """A plane's gradients of its four hyper-function outputs (d a / d y = 2 for both slopes)."""
+        base = DY + (pid // C) * 4 * C + pid % C
+        tl.store(base, 2.0 * tl.sum(s_a1, 0))
+        tl.store(base + C, tl.sum(s_b1, 0))
+        tl.store(base + 2 * C, 2.0 * tl.sum(s_a2, 0))
+        tl.store(base + 3 * C, tl.sum(s_b2, 0))
+
+    @triton.jit
     def _dyrelu_fwd_kernel(X, Y, OUT, C, HW, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         a1, b1, a2, b2 = _coeffs(Y, pid, C)
@@ -141,23 +159,13 @@ if HAS_TRITON:
             ok = i < HW
             x = tl.load(X + pid * HW + i, mask=ok, other=0.0).to(tl.float32)
             g = tl.load(G + pid * HW + i, mask=ok, other=0.0).to(tl.float32)
-            v1 = a1 * x + b1
-            v2 = a2 * x + b2
-            # torch.maximum's gradient: to the larger, split in halves on ties
-            g1 = tl.where(v1 > v2, g, tl.where(v1 == v2, 0.5 * g, 0.0))
-            g2 = g - g1
+            g1, g2 = _max_grad_split(x, g, a1, b1, a2, b2)
             tl.store(DX + pid * HW + i, g1 * a1 + g2 * a2, mask=ok)
             s_a1 += g1 * x
             s_b1 += g1
             s_a2 += g2 * x
             s_b2 += g2
-        b = pid // C
-        c = pid % C
-        base = DY + b * 4 * C + c
-        tl.store(base, 2.0 * tl.sum(s_a1, 0))  # d a1 / d y = 2
-        tl.store(base + C, tl.sum(s_b1, 0))
-        tl.store(base + 2 * C, 2.0 * tl.sum(s_a2, 0))
-        tl.store(base + 3 * C, tl.sum(s_b2, 0))
+        _store_coeff_grads(DY, pid, C, s_a1, s_b1, s_a2, s_b2)
 
 
 def dyrelu_triton_fwd(x, coefficients):
@@ -291,10 +299,7 @@ if HAS_TRITON:
                 t2 = _load_term(T2, b, c, i, W, ok, s2b, s2c, s2h, s2w)
                 x += p2 * t2
             g = tl.load(G + pid * HW + i, mask=ok, other=0.0).to(tl.float32)
-            v1 = a1 * x + b1
-            v2 = a2 * x + b2
-            g1 = tl.where(v1 > v2, g, tl.where(v1 == v2, 0.5 * g, 0.0))  # torch.maximum: ties split in halves
-            g2 = g - g1
+            g1, g2 = _max_grad_split(x, g, a1, b1, a2, b2)
             dx = g1 * a1 + g2 * a2
             s_a1 += g1 * x
             s_b1 += g1
@@ -308,11 +313,7 @@ if HAS_TRITON:
             if N_TERMS > 2:
                 tl.store(D2 + pid * HW + i, p2 * dx, mask=ok)
                 s_p2 += t2 * dx
-        base = DY + b * 4 * C + c
-        tl.store(base, 2.0 * tl.sum(s_a1, 0))
-        tl.store(base + C, tl.sum(s_b1, 0))
-        tl.store(base + 2 * C, 2.0 * tl.sum(s_a2, 0))
-        tl.store(base + 3 * C, tl.sum(s_b2, 0))
+        _store_coeff_grads(DY, pid, C, s_a1, s_b1, s_a2, s_b2)
         tl.store(DPI + pid * N_TERMS, tl.sum(s_p0, 0) / N_TERMS)
         if N_TERMS > 1:
             tl.store(DPI + pid * N_TERMS + 1, tl.sum(s_p1, 0) / N_TERMS)

@@ -773,16 +773,15 @@ def window_attention(
 def triton_aot_specs() -> list[dict]:
     if not HAS_TRITON:
         return []
-    from ..triton_aot import kernel_spec
+    from ..triton_aot import kernel_spec, torch_dtype
 
     specs = []
-    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for dtype in ("fp32", "fp16", "bf16"):
         pointers = dict.fromkeys(("Q", "K", "V", "Out", "BIAS", "DO", "DQ", "DK", "DV"), dtype)
         pointers |= dict.fromkeys(("LSE", "DELTA", "DBIAS"), "fp32")
         for hd in TRITON_HEAD_DIMS:
             # exactly the blocks the launcher can pick for this dtype and head dim (one small N, one large)
-            for block in sorted({_triton_block(n, hd, torch_dtypes[dtype]) for n in (16, 1024)}):
+            for block in sorted({_triton_block(n, hd, torch_dtype(dtype)) for n in (16, 1024)}):
                 cfg = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": hd, "IEEE": dtype == "fp32", "UPCAST": False}
                 for kernel, extra in ((_wattn_fwd_kernel, {}), (_wattn_bwd_kernel, {"KV_PASS": True}),
                                       (_wattn_bwd_kernel, {"KV_PASS": False})):  # fmt: skip
