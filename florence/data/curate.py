@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -434,10 +435,9 @@ def curate(args) -> dict:
     analysis = analyse_all(records, os.path.join(args.out, ".work"), args.workers, quiet)
     tok = get_tokenizer()
 
-    def count_tokens(text, _cache={}):  # noqa: B006 - a per-run memo of token counts
-        if text not in _cache:
-            _cache[text] = len(tok.encode(text))
-        return _cache[text]
+    @functools.cache  # captions repeat (shared texts): each is tokenised once per run
+    def count_tokens(text):
+        return len(tok.encode(text))
 
     samples, info = select(records, analysis, args, count_tokens)
     shards = [samples[i : i + args.shard_size] for i in range(0, len(samples), args.shard_size)]
