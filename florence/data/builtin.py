@@ -5,9 +5,10 @@ downloaded) as image-text pairs, in the curation command's input format.
 
 writes DIR/images/*.jpg (each digit upscaled to --size, bicubic, saved as JPEG), DIR/train.jsonl (one line per
 training image: {"image": "images/....jpg", "captions": [...], "label": digit}) for ``florence.data.curate``,
-DIR/test.jsonl (the held-out images with their class index and captions, for zero-shot and retrieval) and DIR/classes.json (the class names, for zero-shot
-evaluation). Captions come in several styles per class and every style is shared by all images of the class, so
-many pairs share a text (UniCL positives); some are a bare word ("seven"), which curation augments with prompts.
+DIR/test.jsonl (the held-out images with their class index and captions, for zero-shot and retrieval) and
+DIR/classes.json (the class names, for zero-shot evaluation). Captions come in several styles per class and every
+style is shared by all images of the class, so many pairs share a text (UniCL positives); some are a bare word
+("seven"), which curation augments with prompts.
 
 Variants are registered in VARIANTS by name; each builder takes (out_dir, size, test_fraction, seed) and returns a
 summary dict. Detection (digits placed on canvases with COCO boxes), video (moving digits) and question-answer

@@ -534,7 +534,7 @@ def plot_stats(samples, count_tokens, out_dir) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("count")
         fig.tight_layout()
-        atomic_write(os.path.join(out_dir, name), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        atomic_write(os.path.join(out_dir, name), lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
 
 
