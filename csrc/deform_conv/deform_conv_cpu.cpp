@@ -148,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcn_backward(
                 const auto& t = taps[q];
                 const scalar_t v = m[q] * row[q];
                 for (int i = 0; i < 4; ++i)
-                  if (t.valid[i]) gplane[t.idx[i]] += t.w[i] * v;
+                  if (scatters(t, i)) gplane[t.idx[i]] += t.w[i] * v;
               }
             }
           }

@@ -62,7 +62,7 @@ __global__ void input_grad_kernel(Dcn d, const T* __restrict__ dcols, const T* _
   T* plane = gin + (b * d.C_in + c) * d.H * d.W;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
-    if (t.valid[i]) gpuAtomicAdd(plane + t.idx[i], t.w[i] * v);
+    if (scatters(t, i)) gpuAtomicAdd(plane + t.idx[i], t.w[i] * v);
 }
 
 // grad_offset (y, x) and grad_mask of one (offset group, tap, position): sums over the group's channels.
