@@ -3,6 +3,11 @@
 ``tokenize(texts)`` -> (N, 77) int64: start-of-text, the BPE ids, end-of-text (truncated to the context, the last
 position kept for end-of-text), zero padding. The end-of-text id (49407) is the largest in the vocabulary, so a
 text transformer pools at ``tokens.argmax(-1)``.
+
+``get_tokenizer(name)`` gives the tokenizer of a registered model config (open_clip's ``get_tokenizer(model_name)``):
+its context length is the config's text context, so ``model.encode_text(get_tokenizer(name)(texts))`` runs for
+the model ``create_model(name)`` builds; ``get_tokenizer(context_length=16)`` (or ``get_tokenizer(16)``) gives one
+for a context length.
 """
 
 from __future__ import annotations
@@ -45,9 +50,55 @@ class Tokenizer:
 
 
 @functools.cache
-def get_tokenizer(context_length: int = CONTEXT_LENGTH) -> Tokenizer:
+def _tokenizer(context_length: int) -> Tokenizer:
     return Tokenizer(context_length)
 
 
+def model_context_length(name: str) -> int:
+    """The text context length of the registered model config ``name`` (ValueError naming the known configs)."""
+    import inspect
+
+    from florence.models import get_config, list_models
+
+    known = list_models()
+    if name not in known:
+        raise ValueError(f"name: {name!r} is not a registered model config; known: {', '.join(known)}")
+    text = get_config(name).get("text")
+    if not isinstance(text, dict):
+        raise ValueError(f"name: model config {name!r} has no text tower")
+    if "context_length" in text:
+        return text["context_length"]
+    from florence.models import TextTransformer
+
+    return inspect.signature(TextTransformer).parameters["context_length"].default
+
+
+def get_tokenizer(name: str | int | None = None, context_length: int | None = None) -> Tokenizer:
+    """The tokenizer of the model config ``name`` (its text context length), or of ``context_length`` (default 77).
+
+    ``name`` may also be an int, read as the context length (``get_tokenizer(16)``). With both, ``context_length``
+    must not exceed the model's context (a shorter one is valid: the text tower takes up to its context).
+    Tokenizers are cached: the same object for the same context length.
+    """
+    if isinstance(name, int) and not isinstance(name, bool):
+        if context_length is not None:
+            raise ValueError(f"context_length: given twice ({name} positionally and {context_length} by name)")
+        name, context_length = None, name
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected a model config name (str) or a context length (int), got {name!r}")
+        model_context = model_context_length(name)
+        if context_length is None:
+            context_length = model_context
+        elif isinstance(context_length, int) and context_length > model_context:
+            raise ValueError(f"context_length: {context_length} exceeds the text context {model_context} of {name!r}")
+    if context_length is None:
+        context_length = CONTEXT_LENGTH
+    if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length < 3:
+        raise ValueError(f"context_length: expected an int >= 3, got {context_length!r}")
+    return _tokenizer(context_length)
+
+
 def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
-    return get_tokenizer(context_length)(texts)
+    """(N, context_length) token ids of ``texts``; for a model's context use ``get_tokenizer(model_name)(texts)``."""
+    return get_tokenizer(context_length=context_length)(texts)
