@@ -71,6 +71,8 @@ def _write_lines(path: str, rows) -> None:
 def build_digits(out_dir: str, size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> dict:
     from PIL import Image
 
+    from florence.data.curate import to_rgb8
+
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"size: expected an int >= 8 (pixels), got {size!r}")
     if not 0.0 < test_fraction < 1.0:
@@ -82,7 +84,7 @@ def build_digits(out_dir: str, size: int = 64, test_fraction: float = 0.2, seed:
     for i, img in enumerate(images):
         path = os.path.join(img_dir, f"digit_{i:04d}.jpg")
         if not os.path.exists(path):
-            rgb = Image.fromarray(img, mode="L").convert("RGB")
+            rgb = to_rgb8(Image.fromarray(img, mode="L"))
             atomic_write(path, lambda tmp, rgb=rgb: rgb.save(tmp, format="JPEG", quality=95))
 
     def captions(y):

@@ -13,23 +13,28 @@ Steps, in order, each counted (``removed`` counts input records, so inputs = ima
 1. bad_record: a line or row that cannot be read (invalid JSON, no image field);
 2. empty_caption: no caption left after normalisation (NFKC, whitespace collapsed, trimmed; empty captions of
    images that keep another caption are dropped and counted in ``empty_captions_dropped``);
-3. corrupt: missing, unreadable, truncated or unsupported image files (the reasons are tallied in
-   ``corrupt_reasons``);
+3. corrupt: missing, unreadable, truncated or unsupported image files (format or PIL mode; the reasons are tallied
+   in ``corrupt_reasons``);
 4. too_small: shorter side below --min-size pixels;
 5. duplicate: byte-identical to an earlier kept image (SHA-256);
 6. near_duplicate: perceptual hash (64-bit dHash) within --near-dup-threshold bits of an earlier kept image
    (pigeonhole banding: exact matches on one of threshold + 1 bands, then the Hamming distance).
+Images are analysed as they will be stored: upright (EXIF orientation applied) and in 8-bit RGB (``to_rgb8``, whose
+docstring gives the rule for every PIL mode: 16-bit scaled by 1/257, transparency composited on white...); the
+size filter and the dHash see that image.
 Captions longer than --max-tokens CLIP BPE tokens are cut at a word boundary to fit (``truncated_captions``).
 UniCL labels: one label per unique normalised text (casefolded for the hash table only), numbered in order of
 first appearance; captions of at most --short-words words (a word or a phrase) are augmented with a prompt
 template (deterministic per sample), keep the label of their bare text, and are flagged ``augmented``
 (Florence's stage 1 uses them, stage 2 does not).
 
-Output DIR: webdataset shards ``shard-00000.tar`` ... (per sample ``<key>.jpg``, the image as JPEG: JPEG inputs
-byte for byte, other formats re-encoded at quality 95, and ``<key>.json``: key, captions, labels, augmented flags,
-source), DALI index files ``shard-00000.idx`` (when DALI is installed), ``manifest.json`` (shards with sample and
-pair counts and SHA-256), ``labels.json`` (label -> text), ``stats.json`` and ``summary.txt`` (the paper-style
-report), ``caption_lengths.png`` and ``positives_per_label.png``.
+Output DIR: webdataset shards ``shard-00000.tar`` ... (per sample ``<key>.jpg``, the image as JPEG: upright RGB or
+greyscale JPEG inputs byte for byte, everything else (other formats, JPEGs with an EXIF orientation 2-8, CMYK
+JPEGs) re-encoded upright as 8-bit RGB at quality 95 without EXIF, so every reader sees the same upright pixels;
+and ``<key>.json``: key, captions, labels, augmented flags, source), DALI index files ``shard-00000.idx`` (when
+DALI is installed), ``manifest.json`` (shards with sample and pair counts and SHA-256), ``labels.json`` (label ->
+text), ``stats.json`` and ``summary.txt`` (the paper-style report), ``caption_lengths.png`` and
+``positives_per_label.png``.
 
 Robust and resumable: bad input is counted, never fatal; every file is written under a temporary name and renamed;
 image analysis results are cached (DIR/.work/analysis.jsonl, one line per record, flushed) and shards are written
@@ -172,15 +177,99 @@ def fit_tokens(text: str, max_tokens: int, count) -> tuple[str, bool]:
     return " ".join(words[: max(lo, 1)]), True
 
 
+# --- images: one conversion to 8-bit RGB, upright -------------------------------------------------------------------
+
+ORIENTATION = 0x0112  # the EXIF orientation tag
+_RGB8_CONVERT = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr")  # PIL's own conversion is the right one
+_RGB8_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")  # composited on white
+
+
+def rgb8_supported(mode: str) -> bool:
+    """Whether ``to_rgb8`` converts images of this PIL mode."""
+    return mode in _RGB8_CONVERT or mode in _RGB8_ALPHA or mode in ("I", "F") or mode.startswith("I;16")
+
+
+def to_rgb8(img):
+    """The 8-bit RGB PIL image that every reader of an image uses (curation's re-encoding and dHash, the PyTorch
+    loader, evaluation), whatever the PIL mode; an RGB image without a transparent colour is returned as it is.
+
+    - 1, L, P, RGBX, CMYK, YCbCr: PIL's conversion (grey replicated; palette looked up; CMYK as
+      R = (255 - C)(255 - K) / 255 rounded, no ICC profile).
+    - Transparency (LA, La, PA, RGBA, RGBa; 1, L, P, RGB with a transparent colour or palette alpha): composited on
+      white, each channel round((c a + 255 (255 - a)) / 255).
+    - I;16, I;16B, I;16L (16-bit grey): round(v / 257), i.e. 0..65535 scaled to 0..255 with 257 k -> k exactly
+      (PIL's own ``convert`` clips at 255, which made 16-bit images white; torchvision's ``to_dtype`` shifts,
+      v >> 8, which differs from this by at most 1). A transparent grey value becomes white.
+    - I (32-bit integers): clipped to 0..65535; read as 8-bit values when the image's maximum is at most 255, else
+      as 16-bit like I;16 (PIL clips at 255; torchvision has no rule for int32).
+    - F (32-bit floats): NaN as 0; read as 0..1 (times 255, rounded; torchvision's rule for floats) when every
+      value lies in [0, 1], else rounded to integers and read as I.
+    Other modes (LAB, HSV) raise ValueError naming the mode.
+    """
+    import numpy as np
+    from PIL import Image
+
+    mode, trns = img.mode, img.info.get("transparency")
+    if mode == "RGB" and trns is None:
+        return img
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        raw = np.asarray(img)
+        if mode == "F":
+            v = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=65535.0, neginf=0.0)
+            if v.size and v.min() >= 0.0 and v.max() <= 1.0:
+                grey = np.floor(v * 255 + 0.5)
+            else:
+                v = np.clip(np.floor(v + 0.5), 0, 65535)
+                grey = v if v.size == 0 or v.max() <= 255 else (v + 128) // 257
+        elif mode == "I":
+            v = np.clip(raw.astype(np.int64), 0, 65535)
+            grey = v if v.size == 0 or v.max() <= 255 else (v + 128) // 257
+        else:
+            grey = (raw.astype(np.int64) + 128) // 257
+        grey = grey.astype(np.uint8)
+        if isinstance(trns, int):  # a transparent grey value (PNG tRNS): white once composited
+            grey[raw == trns] = 255
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode in _RGB8_ALPHA or (trns is not None and mode in _RGB8_CONVERT):
+        rgba = np.asarray((img.convert("LA") if mode == "La" else img).convert("RGBA"), dtype=np.uint32)
+        a = rgba[:, :, 3:]
+        out = (rgba[:, :, :3] * a + 255 * (255 - a) + 127) // 255
+        return Image.fromarray(out.astype(np.uint8))
+    if mode in _RGB8_CONVERT:
+        return img.convert("RGB")
+    raise ValueError(f"img: PIL mode {mode!r} is not supported (supported: {', '.join(_RGB8_CONVERT + _RGB8_ALPHA)}, "
+                     "I;16, I;16B, I;16L, I, F)")  # fmt: skip
+
+
+def exif_orientation(img) -> int:
+    """The EXIF orientation (1-8) of a PIL image; 1 (upright) when it has none or an invalid one."""
+    try:
+        value = img.getexif().get(ORIENTATION, 1)
+    except Exception:  # a broken EXIF block: the pixels are still usable, as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(img):
+    """``img`` with its EXIF orientation applied (PIL's ``ImageOps.exif_transpose``, which also drops the tag), or
+    ``img`` itself when it is already upright."""
+    if exif_orientation(img) == 1:
+        return img
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(img)
+
+
 # --- image analysis (worker processes) ------------------------------------------------------------------------------
 
 
 def dhash(img) -> int:
-    """64-bit difference hash: grey 9x8 thumbnail, one bit per horizontally adjacent pair."""
+    """64-bit difference hash of the image as stored (``to_rgb8``): grey 9x8 thumbnail, one bit per horizontally
+    adjacent pair."""
     from PIL import Image
 
-    g = img.convert("L").resize((9, 8), Image.BILINEAR)
-    px = list(g.getdata())
+    g = to_rgb8(img).convert("L").resize((9, 8), Image.BILINEAR)
+    px = g.tobytes()  # 72 grey levels, row by row
     bits = 0
     for r in range(8):
         for c in range(8):
@@ -189,27 +278,39 @@ def dhash(img) -> int:
 
 
 def analyse(path: str) -> dict:
-    """Decode check, size, SHA-256 and dHash of one image file; never raises."""
+    """Decode check, upright size, SHA-256 and dHash (of the upright image) of one image file; never raises."""
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
         return {"ok": False, "reason": f"unreadable file ({type(e).__name__})"}
     try:
         with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format
+            fmt, mode = img.format, img.mode
             if fmt not in SUPPORTED_FORMATS:
                 return {"ok": False, "reason": f"unsupported format {fmt}"}
+            if not rgb8_supported(mode):
+                return {"ok": False, "reason": f"unsupported mode {mode}"}
             img.load()
+            orientation = exif_orientation(img)
+            img = upright(img)
             w, h = img.size
             ph = dhash(img)
     except Exception as e:  # PIL raises many types for broken files
         msg = str(e).lower()
         reason = "truncated" if "truncat" in msg else f"undecodable ({type(e).__name__})"
         return {"ok": False, "reason": reason}
-    return {"ok": True, "w": w, "h": h, "sha": hashlib.sha256(data).hexdigest(), "phash": ph, "format": fmt}
+    return {"ok": True, "w": w, "h": h, "sha": hashlib.sha256(data).hexdigest(), "phash": ph, "format": fmt,
+            "mode": mode, "orientation": orientation}  # fmt: skip
+
+
+def stored_as_is(a: dict) -> bool:
+    """Whether an analysed image is stored byte for byte: an upright RGB or greyscale JPEG. Everything else (other
+    formats, JPEGs with an EXIF orientation 2-8, CMYK JPEGs) is re-encoded upright as 8-bit RGB, so that every
+    reader of the shards (DALI, PIL, other tools) sees the same upright pixels."""
+    return a["format"] == "JPEG" and a["orientation"] == 1 and a["mode"] in ("RGB", "L")
 
 
 class NearDuplicateIndex:
@@ -256,6 +357,9 @@ def _atomic_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
+ANALYSIS_VERSION = 2  # cached rows of another version (fields added or changed) are analysed again
+
+
 def analyse_all(records, work_dir, workers, quiet) -> list[dict | None]:
     """Analysis of every record's image, reusing and extending the cache (one flushed JSON line per record)."""
     os.makedirs(work_dir, exist_ok=True)
@@ -269,7 +373,8 @@ def analyse_all(records, work_dir, workers, quiet) -> list[dict | None]:
                 except json.JSONDecodeError:  # a line cut by a kill: analysed again
                     continue
                 i = row.get("i")
-                if isinstance(i, int) and 0 <= i < len(records) and row.get("image") == records[i].get("image"):
+                if (isinstance(i, int) and 0 <= i < len(records) and row.get("v") == ANALYSIS_VERSION
+                        and row.get("image") == records[i].get("image")):  # fmt: skip
                     results[i] = row["result"]
     todo = [i for i, r in enumerate(records) if "image" in r and results[i] is None]
     if todo:
@@ -278,7 +383,8 @@ def analyse_all(records, work_dir, workers, quiet) -> list[dict | None]:
             for i, res in _progress(zip(todo, pool.imap(analyse, paths, chunksize=16), strict=True), len(todo),
                                     "decode+hash", quiet):  # fmt: skip
                 results[i] = res
-                cache.write(json.dumps({"i": i, "image": records[i]["image"], "result": res}) + "\n")
+                row = {"v": ANALYSIS_VERSION, "i": i, "image": records[i]["image"], "result": res}
+                cache.write(json.dumps(row) + "\n")
                 cache.flush()
     return results
 
@@ -338,7 +444,7 @@ def select(records, analysis, args, count_tokens) -> tuple[list[dict], dict]:
                 texts.append(c)
                 aug.append(False)
             labs.append(labels[key])
-        samples.append({"key": f"{idx:09d}", "image": rec["image"], "format": a["format"], "captions": texts,
+        samples.append({"key": f"{idx:09d}", "image": rec["image"], "as_is": stored_as_is(a), "captions": texts,
                         "labels": labs, "augmented": aug, "source": rec["source"], "sha": a["sha"]})  # fmt: skip
     info = {"removed": dict(removed), "corrupt_reasons": dict(corrupt_reasons), "bad_record_reasons": dict(bad_reasons),
             "empty_captions_dropped": empty_dropped, "truncated_captions": truncated,
@@ -349,13 +455,13 @@ def select(records, analysis, args, count_tokens) -> tuple[list[dict], dict]:
 def _image_jpeg_bytes(sample) -> bytes:
     with open(sample["image"], "rb") as f:
         data = f.read()
-    if sample["format"] == "JPEG":
+    if sample["as_is"]:
         return data
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
         buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="JPEG", quality=95)
+        to_rgb8(upright(img)).save(buf, format="JPEG", quality=95)  # no EXIF written: no orientation left
         return buf.getvalue()
 
 

@@ -22,8 +22,10 @@ epoch part-way (training restarts from a checkpoint's data position).
 
 - backend="dali": ``fn.readers.webdataset`` (with the curation's .idx files), ``fn.decoders.image`` (device
   "cpu" here with device_id=None, "mixed" on a GPU), ``fn.random_resized_crop``, ``fn.crop_mirror_normalize``.
-- backend="torch": the shards' tar members read by offset (an index built once per shard), PIL decoding,
-  torchvision's functional crop/resize/flip, in ``num_workers`` DataLoader processes.
+- backend="torch": the shards' tar members read by offset (an index built once per shard), PIL decoding with the
+  EXIF orientation applied (as DALI's decoder does; curated shards hold upright images already, shards written by
+  other tools may not) and curation's ``to_rgb8`` (any PIL mode to 8-bit RGB), torchvision's functional
+  crop/resize/flip, in ``num_workers`` DataLoader processes.
 """
 
 from __future__ import annotations
@@ -147,11 +149,13 @@ class TorchPairs(torch.utils.data.Dataset):
         from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
+        from florence.data.curate import to_rgb8, upright
+
         path, key, jo, js, mo, ms = self.entries[self.positions[self.start + i]]
         meta = json.loads(self._read(path, mo, ms))
         caption, label = pick_caption(meta, self.seed, self.epoch, self.use_augmented)
         with Image.open(io.BytesIO(self._read(path, jo, js))) as img:
-            img = img.convert("RGB")
+            img = to_rgb8(upright(img))
             w, h = img.size
             if self.train:
                 rng = _rng(self.seed, self.epoch, key, "image")
