@@ -22,7 +22,10 @@ Steps, in order, each counted (``removed`` counts input records, so inputs = ima
 Images are analysed as they will be stored: upright (EXIF orientation applied) and in 8-bit RGB (``to_rgb8``, whose
 docstring gives the rule for every PIL mode: 16-bit scaled by 1/257, transparency composited on white...); the
 size filter and the dHash see that image.
-Captions longer than --max-tokens CLIP BPE tokens are cut at a word boundary to fit (``truncated_captions``).
+Captions longer than --max-tokens CLIP BPE tokens are cut to fit (``truncated_captions``): after the last word that
+fits, or, when not even the first word fits (a URL), after the longest prefix of characters that fits; a prompt
+around a short caption is counted too (the caption inside it is cut further if need be, keeping the label of the
+bare caption; a prompt that cannot fit at all leaves the caption bare). Every stored caption fits.
 UniCL labels: one label per unique normalised text (casefolded for the hash table only), numbered in order of
 first appearance; captions of at most --short-words words (a word or a phrase) are augmented with a prompt
 template (deterministic per sample), keep the label of their bare text, and are flagged ``augmented``
@@ -162,19 +165,39 @@ def label_key(text: str) -> str:
     return text.casefold().rstrip(" .!?")
 
 
-def fit_tokens(text: str, max_tokens: int, count) -> tuple[str, bool]:
-    """``text`` cut at a word boundary to at most ``max_tokens`` BPE tokens; (text, was it cut)."""
-    if count(text) <= max_tokens:
-        return text, False
-    words = text.split(" ")
-    lo, hi = 0, len(words)  # the longest prefix of words that fits
+def _longest(n: int, fits) -> int:
+    """k in 0..n with fits(k) true (or k = 0) and fits(k + 1) false (or k = n), by binary search: the largest k that
+    fits when ``fits`` is monotone, a k that fits in any case (a BPE count of a prefix is not always monotone)."""
+    lo, hi = 0, n
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if count(" ".join(words[:mid])) <= max_tokens:
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1
-    return " ".join(words[: max(lo, 1)]), True
+    return lo
+
+
+def fit_tokens(text: str, max_tokens: int, count, wrap=None) -> tuple[str, bool]:
+    """``text`` cut to at most ``max_tokens`` BPE tokens (counted on ``wrap(cut)`` when given: a prompt around it);
+    (cut, was it cut).
+
+    Cut after the last word that fits; when not even the first word fits (a long URL, a long compound), after the
+    longest prefix of characters that fits (binary search over prefix lengths: the original characters are kept,
+    a word may be cut inside). Every prefix the search keeps has been counted, so the cut always fits; it is ""
+    when nothing does (only ever with ``wrap``).
+    """
+
+    def fits(t):
+        return count(wrap(t) if wrap else t) <= max_tokens
+
+    if fits(text):
+        return text, False
+    words = text.split(" ")
+    k = _longest(len(words), lambda k: fits(" ".join(words[:k])))
+    if k:
+        return " ".join(words[:k]), True
+    return text[: _longest(len(text) - 1, lambda k: fits(text[:k]))], True
 
 
 # --- images: one conversion to 8-bit RGB, upright -------------------------------------------------------------------
@@ -431,19 +454,22 @@ def select(records, analysis, args, count_tokens) -> tuple[list[dict], dict]:
         texts, labs, aug = [], [], []
         for c in kept_caps:
             c, cut = fit_tokens(c, args.max_tokens, count_tokens)
-            truncated += cut
             key = label_key(c)
             if key not in labels:
                 labels[key] = len(label_text)
                 label_text.append(c)
+            text, augmented = c, False
             if len(c.split(" ")) <= args.short_words:
                 pick = int(hashlib.md5(f"{args.seed}:{idx}:{key}".encode()).hexdigest(), 16) % len(PROMPTS)
-                texts.append(PROMPTS[pick].format(c.rstrip(" .!?")))
-                aug.append(True)
-            else:
-                texts.append(c)
-                aug.append(False)
+                bare = c.rstrip(" .!?")
+                # a caption near the limit goes into its prompt cut further, so that the prompt fits too
+                inner, inner_cut = fit_tokens(bare, args.max_tokens, count_tokens, wrap=PROMPTS[pick].format)
+                if (inner or not bare) and count_tokens(PROMPTS[pick].format(inner)) <= args.max_tokens:
+                    text, augmented, cut = PROMPTS[pick].format(inner), True, cut or inner_cut
+            texts.append(text)
+            aug.append(augmented)
             labs.append(labels[key])
+            truncated += cut
         samples.append({"key": f"{idx:09d}", "image": rec["image"], "as_is": stored_as_is(a), "captions": texts,
                         "labels": labs, "augmented": aug, "source": rec["source"], "sha": a["sha"]})  # fmt: skip
     info = {"removed": dict(removed), "corrupt_reasons": dict(corrupt_reasons), "bad_record_reasons": dict(bad_reasons),

@@ -200,3 +200,79 @@ def test_near_duplicate_index_matches_brute_force():
             if found is None:
                 idx.add(h, len(kept))
                 kept.append(h)
+
+
+# --- captions cut to the token limit -------------------------------------------------------------------------------
+
+URL = "https://example.com/" + "/".join(f"section-{i}/page_{i * 7}" for i in range(60)) + "?q=florence&lang=en"
+LONG_WORD = "antidisestablishmentarianism" * 12
+
+
+def _count():
+    from florence.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    return lambda text: len(tok.encode(text))
+
+
+def test_fit_tokens_cuts_inside_a_word_when_no_word_boundary_fits():
+    count = _count()
+    assert count(URL) == 646 and count(LONG_WORD + " is a word") == 97
+    # the longest prefix of characters that fits: 75 tokens, one more character would not
+    assert curate.fit_tokens(URL, 75, count) == (URL[:161], True)
+    assert count(URL[:161]) == 75 and count(URL[:162]) == 76
+    assert curate.fit_tokens(LONG_WORD + " is a word", 75, count) == (LONG_WORD[:264], True)
+    assert count(LONG_WORD[:264]) == 75 and count(LONG_WORD[:265]) == 76
+    # a word boundary that fits is still where the cut goes
+    assert curate.fit_tokens("a " + LONG_WORD, 75, count) == ("a", True)
+    assert curate.fit_tokens(" ".join(["word"] * 200), 75, count) == (" ".join(["word"] * 75), True)
+    assert curate.fit_tokens("short text", 75, count) == ("short text", False)
+    # with a prompt around the cut: the prompt and the cut fit together
+    cut, was_cut = curate.fit_tokens(URL, 75, count, wrap="a photo of {}.".format)
+    assert was_cut and URL.startswith(cut)
+    assert count(f"a photo of {cut}.") <= 75 < count(f"a photo of {URL[: len(cut) + 1]}.")
+
+
+def _prompt_inner(text):
+    """(prompt, the caption inside it) of an augmented caption."""
+    for p in curate.PROMPTS:
+        pre, post = p.split("{}")
+        if text.startswith(pre) and text.endswith(post) and len(text) >= len(pre) + len(post):
+            yield p, text[len(pre) : len(text) - len(post)]
+
+
+def test_every_stored_caption_fits_the_token_limit(tmp_path):
+    for i in range(4):
+        _noise_image(str(tmp_path / f"{i}.jpg"), 200 + i)
+    long_words = " ".join(["word"] * 200)
+    rows = [("0.jpg", URL), ("1.jpg", LONG_WORD + " is a word"), ("2.jpg", long_words), ("3.jpg", "a red square")]
+    with open(tmp_path / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for image, caption in rows:
+            f.write(json.dumps({"image": image, "caption": caption}) + "\n")
+    assert _run(str(tmp_path / "pairs.jsonl"), tmp_path / "out") == 0
+    count = _count()
+    stats = json.load(open(tmp_path / "out" / "stats.json"))
+    assert stats["images"] == 4 and stats["truncated_captions"] == 3
+    labels = json.load(open(tmp_path / "out" / "labels.json"))
+    assert labels == [URL[:161], LONG_WORD[:264], " ".join(["word"] * 75), "a red square"]  # the bare cuts
+    _, metas = _samples(tmp_path / "out")
+    by_src = {m["source"]: m for m in metas}
+    for n, bare in ((1, URL[:161]), (2, LONG_WORD[:264])):  # one word each: prompt-augmented
+        meta = by_src[f"pairs.jsonl:{n}"]
+        assert meta["augmented"] == [True] and meta["labels"] == [n - 1]
+        ((prompt, inner),) = [(p, x) for p, x in _prompt_inner(meta["captions"][0]) if bare.startswith(x)]
+        # the caption inside the prompt: the longest prefix of the bare cut for which the prompt fits
+        assert len(inner) > 140 and count(prompt.format(inner)) <= 75 < count(prompt.format(bare[: len(inner) + 1]))
+    assert by_src["pairs.jsonl:3"]["captions"] == [" ".join(["word"] * 75)]
+    for m in metas:
+        for caption in m["captions"]:
+            assert count(caption) <= 75, caption
+    assert stats["tokens"] == sum(count(c) for m in metas for c in m["captions"])
+
+
+def test_a_prompt_that_cannot_fit_leaves_the_caption_bare(tmp_path):
+    _noise_image(str(tmp_path / "0.jpg"), 300)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "0.jpg", "caption": "cat"}) + "\n")
+    assert _run(str(tmp_path / "pairs.jsonl"), tmp_path / "out", "--max-tokens", "4") == 0  # a prompt + "cat": 5+
+    _, (meta,) = _samples(tmp_path / "out")
+    assert meta["captions"] == ["cat"] and meta["augmented"] == [False]
