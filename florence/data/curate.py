@@ -43,6 +43,10 @@ Robust and resumable: bad input is counted, never fatal; every file is written u
 image analysis results are cached (DIR/.work/analysis.jsonl, one line per record, flushed) and shards are written
 whole, so a killed run started again with the same arguments redoes only the missing work and produces the same
 bytes. Decoding and hashing use every core (--workers, default all); a progress bar shows each phase.
+
+The outputs do not depend on the locale: text files are read and written as UTF-8; file names are written (in
+``source`` and the manifest's arguments) as their bytes decoded as UTF-8, bytes that are not UTF-8 as ``\\xNN``
+(``path_text``); paths inside JSONL / CSV files are UTF-8 (``native_path``); folders are listed in byte order.
 """
 
 from __future__ import annotations
@@ -91,8 +95,25 @@ def read_inputs(paths: list[str]) -> list[dict]:
     return records
 
 
+def path_text(path: str) -> str:
+    """A file name or path as it is written into outputs (``source``, the manifest's arguments): its bytes
+    (``os.fsencode``) decoded as UTF-8, bytes that are not UTF-8 as ``\\xNN`` (``backslashreplace``). The text does
+    not depend on the locale: under LC_ALL=C Python decodes file names as ASCII with lone surrogates."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def native_path(text: str) -> str:
+    """A path written in a UTF-8 text file (JSONL, CSV) as the ``str`` that opens that file under any locale (the
+    file system's name is the path's UTF-8 bytes)."""
+    return os.fsdecode(text.encode("utf-8", "surrogateescape"))
+
+
 def _resolve(base: str, image) -> str | None:
     if not isinstance(image, str) or not image:
+        return None
+    try:
+        image = native_path(image)
+    except UnicodeEncodeError:  # a lone surrogate escaped in the JSON: names no file
         return None
     return image if os.path.isabs(image) else os.path.normpath(os.path.join(base, image))
 
@@ -104,7 +125,7 @@ def _read_jsonl(path):
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            src = f"{os.path.basename(path)}:{n}"
+            src = f"{path_text(os.path.basename(path))}:{n}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -127,7 +148,7 @@ def _read_csv(path):
         reader = csv.DictReader(f)
         cols = [c for c in (reader.fieldnames or []) if c and c.lower().startswith("caption")]
         for n, row in enumerate(reader, 2):
-            src = f"{os.path.basename(path)}:{n}"
+            src = f"{path_text(os.path.basename(path))}:{n}"
             image = _resolve(base, row.get("image"))
             if image is None:
                 out.append({"bad": "no image path", "source": src})
@@ -138,7 +159,7 @@ def _read_csv(path):
 
 def _read_folder(path):
     out = []
-    for name in sorted(os.listdir(path)):
+    for name in sorted(os.listdir(path), key=os.fsencode):  # byte order: the same under every locale
         if not name.lower().endswith(IMAGE_EXTS):
             continue
         txt = os.path.join(path, os.path.splitext(name)[0] + ".txt")
@@ -146,7 +167,7 @@ def _read_folder(path):
         if os.path.isfile(txt):
             with open(txt, encoding="utf-8", errors="replace") as f:
                 caps = [line for line in f.read().splitlines() if line.strip()]
-        out.append({"image": os.path.join(os.path.abspath(path), name), "captions": caps, "source": name})
+        out.append({"image": os.path.join(os.path.abspath(path), name), "captions": caps, "source": path_text(name)})
     return out
 
 
@@ -389,7 +410,7 @@ def analyse_all(records, work_dir, workers, quiet) -> list[dict | None]:
     cache_path = os.path.join(work_dir, "analysis.jsonl")
     results: list[dict | None] = [None] * len(records)
     if os.path.exists(cache_path):
-        with open(cache_path) as f:
+        with open(cache_path, encoding="utf-8") as f:
             for line in f:
                 try:
                     row = json.loads(line)
@@ -401,7 +422,7 @@ def analyse_all(records, work_dir, workers, quiet) -> list[dict | None]:
                     results[i] = row["result"]
     todo = [i for i, r in enumerate(records) if "image" in r and results[i] is None]
     if todo:
-        with open(cache_path, "a") as cache, mp.Pool(workers) as pool:
+        with open(cache_path, "a", encoding="utf-8") as cache, mp.Pool(workers) as pool:
             paths = [records[i]["image"] for i in todo]
             for i, res in _progress(zip(todo, pool.imap(analyse, paths, chunksize=16), strict=True), len(todo),
                                     "decode+hash", quiet):  # fmt: skip
@@ -502,7 +523,7 @@ def write_shard(job) -> dict:
     out_dir, shard_idx, samples, delay = job
     path = os.path.join(out_dir, f"shard-{shard_idx:05d}.tar")
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT, encoding="utf-8") as tar:
         for s in samples:
             meta = {k: s[k] for k in ("key", "captions", "labels", "augmented", "source")}
             _tar_member(tar, f"{s['key']}.jpg", _image_jpeg_bytes(s))
@@ -525,7 +546,7 @@ def write_dali_index(tar_path: str) -> bool:
     if importlib.util.find_spec("nvidia.dali") is None:
         return False
     lines, current, comps = [], None, []
-    with tarfile.open(tar_path) as tar:
+    with tarfile.open(tar_path, encoding="utf-8") as tar:
         for m in tar:
             if not m.isfile():
                 continue
@@ -547,7 +568,7 @@ def _shard_done(out_dir, shard_idx, samples) -> bool:
     if not os.path.exists(path):
         return False
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(path, encoding="utf-8") as tar:
             names = [m.name for m in tar]
     except (tarfile.TarError, OSError):
         return False
@@ -602,7 +623,7 @@ def curate(args) -> dict:
         "samples": len(samples),
         "pairs": stats["pairs"],
         "labels": len(info["label_text"]),
-        "args": {k: v for k, v in vars(args).items() if k != "quiet"},
+        "args": {k: _arg_text(k, v) for k, v in vars(args).items() if k != "quiet"},
     }
     _atomic_json(os.path.join(args.out, "manifest.json"), manifest)
     _atomic_json(os.path.join(args.out, "stats.json"), stats)
@@ -610,6 +631,12 @@ def curate(args) -> dict:
     plot_stats(samples, count_tokens, args.out)
     stats["seconds"] = round(time.time() - t0, 2)
     return stats
+
+
+def _arg_text(name, value):
+    if name == "input":
+        return [path_text(v) for v in value]
+    return path_text(value) if name == "out" else value
 
 
 def statistics(records, samples, info, count_tokens) -> dict:

@@ -49,7 +49,7 @@ def load_manifest(data_dir: str) -> dict:
     path = os.path.join(data_dir, "manifest.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data_dir: {data_dir} has no manifest.json (run python -m florence.data.curate)")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -57,7 +57,7 @@ def index_shard(path: str) -> list[tuple[str, int, int, int, int]]:
     """(key, jpg offset, jpg size, json offset, json size) for every sample of a shard, in order."""
     parts: dict[str, dict[str, tuple[int, int]]] = {}
     order = []
-    with tarfile.open(path) as tar:
+    with tarfile.open(path, encoding="utf-8") as tar:
         for m in tar:
             if not m.isfile():
                 continue

@@ -276,3 +276,62 @@ def test_a_prompt_that_cannot_fit_leaves_the_caption_bare(tmp_path):
     assert _run(str(tmp_path / "pairs.jsonl"), tmp_path / "out", "--max-tokens", "4") == 0  # a prompt + "cat": 5+
     _, (meta,) = _samples(tmp_path / "out")
     assert meta["captions"] == ["cat"] and meta["augmented"] == [False]
+
+
+# --- the locale -------------------------------------------------------------------------------------------------
+
+
+def _locale_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("LC_") and k not in ("LANG", "LANGUAGE", "PYTHONUTF8", "PYTHONIOENCODING",
+                                                    "PYTHONCOERCECLOCALE")}  # fmt: skip
+    return dict(env, PYTHONPATH=ROOT, **extra)
+
+
+def test_outputs_do_not_depend_on_the_locale(tmp_path):
+    inputs = tmp_path / "inputs"
+    folder = inputs / "dossier_é"
+    folder.mkdir(parents=True)
+    _noise_image(str(folder / "café_ünïcode.jpg"), 401)
+    (folder / "café_ünïcode.txt").write_text("un café, s'il vous plaît\n", encoding="utf-8")
+    _noise_image(str(folder / "日本.png"), 402, fmt="PNG")
+    (folder / "日本.txt").write_text("富士山の写真です\n", encoding="utf-8")
+    not_utf8 = os.path.join(os.fsencode(folder), b"latin1_\xe9")  # a name that is not UTF-8
+    with open(not_utf8 + b".jpg", "wb") as f:
+        _noise_image(f, 403)
+    with open(not_utf8 + b".txt", "wb") as f:
+        f.write(b"a file named in latin-1\n")
+    (inputs / "imágenes").mkdir()
+    _noise_image(str(inputs / "imágenes" / "ñandú.jpg"), 404)
+    _noise_image(str(inputs / "imágenes" / "zoë.jpg"), 405)
+    (inputs / "paires_é.jsonl").write_text(
+        json.dumps({"image": "imágenes/ñandú.jpg", "caption": "un ñandú en el campo"}, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
+    (inputs / "données.csv").write_text("image,caption\nimágenes/zoë.jpg,zoë à la plage cet été\n", encoding="utf-8")
+    c_env = _locale_env(LC_ALL="C", PYTHONUTF8="0")
+    probe = subprocess.run([sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"], env=c_env,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert probe.stdout.strip() == "ascii"  # the case of the report: file names decoded as ASCII + surrogates
+    procs = {}
+    for name, env in (("c", c_env), ("utf8", _locale_env(LC_ALL="C.UTF-8", PYTHONUTF8="1"))):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        os.symlink(inputs, cwd / "in")  # the same relative arguments in both runs
+        cmd = [sys.executable, "-m", "florence.data.curate", "--input", "in/dossier_é", "in/paires_é.jsonl",
+               "in/données.csv", "--out", "out", "--workers", "1", "--quiet"]  # fmt: skip
+        procs[name] = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (name, err.decode(errors="replace")[-3000:])
+    a, b = tmp_path / "c" / "out", tmp_path / "utf8" / "out"
+    manifest = json.load(open(b / "manifest.json", encoding="utf-8"))
+    assert manifest["args"]["input"] == ["in/dossier_é", "in/paires_é.jsonl", "in/données.csv"]
+    names = ["manifest.json", "labels.json", "stats.json", "summary.txt"]
+    names += [n for sh in manifest["shards"] for n in (sh["path"], sh["path"][:-4] + ".idx") if os.path.exists(b / n)]
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    _, metas = _samples(b)
+    assert [m["source"] for m in metas] == ["café_ünïcode.jpg", "latin1_\\xe9.jpg", "日本.png", "paires_é.jsonl:1",
+                                            "données.csv:2"]  # fmt: skip
+    assert [m["captions"] for m in metas][0] == ["un café, s'il vous plaît"]
