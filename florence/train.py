@@ -20,8 +20,10 @@ Checkpoints (DeepSpeed's, per tag, plus every rank's random state) are complete 
 names them (written atomically): a kill never leaves a half-written checkpoint in use. Restarting with the same
 config resumes from ``latest``: the data position is the step (the data order is a function of seed, epoch and
 step), so the next step's loss equals the uninterrupted run's. Rank 0 shows a progress bar (loss, images/s, ETA),
-appends metrics as JSON lines (``metrics.jsonl``), draws ``loss_curve.png`` and writes ``final_metrics.json``;
-zero-shot top-1/top-5 and retrieval recall@1/5 on the held-out split at every eval interval and at the end.
+appends metrics as JSON lines (``metrics.jsonl``: step, epoch, loss, ``lr`` = the learning rate that step ran at,
+seconds, images/s), draws ``loss_curve.png`` and writes ``final_metrics.json``; zero-shot top-1/top-5 and
+retrieval recall@1/5 on the held-out split at every eval interval and at the end. Text files are read and written
+as UTF-8 whatever the locale.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> dict:
 
     cfg = copy.deepcopy(DEFAULTS)
     if path:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             user = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
         unknown = set(user or {}) - set(DEFAULTS)
         if unknown:
@@ -122,7 +124,7 @@ def init_distributed(device: str) -> tuple[int, int]:
 
 def cpu_supports_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -254,16 +256,17 @@ def load_eval_set(folder: str, image_size: int):
     import numpy as np
     from PIL import Image
 
+    from florence.data.curate import native_path, to_rgb8, upright
     from florence.data.loader import MEAN, STD
 
-    with open(os.path.join(folder, "classes.json")) as f:
+    with open(os.path.join(folder, "classes.json"), encoding="utf-8") as f:
         classes = json.load(f)["classes"]
     images, labels, captions, owner = [], [], [], []
-    with open(os.path.join(folder, "test.jsonl")) as f:
+    with open(os.path.join(folder, "test.jsonl"), encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
-            with Image.open(os.path.join(folder, row["image"])) as img:
-                img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            with Image.open(os.path.join(folder, native_path(row["image"]))) as img:
+                img = to_rgb8(upright(img)).resize((image_size, image_size), Image.BILINEAR)
                 images.append(np.asarray(img))
             labels.append(int(row["label"]))
             for c in row.get("captions", []):
@@ -327,7 +330,8 @@ def load_checkpoint(engine, ckpt_dir, rank) -> int:
     latest = os.path.join(ckpt_dir, "latest")
     if not os.path.exists(latest):
         return 0
-    tag = open(latest).read().strip()
+    with open(latest, encoding="utf-8") as f:
+        tag = f.read().strip()
     _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
     if client is None:
         raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
@@ -347,13 +351,13 @@ class Metrics:
     def __init__(self, path: str, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
         if enabled and os.path.exists(path):
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 kept = [line for line in f if _line_step(line) is not None and _line_step(line) <= resume_step]
             atomic_write_text(path, "".join(kept))
 
     def log(self, **row):
         if self.enabled:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
 
@@ -371,7 +375,10 @@ def plot_loss(metrics_path: str, out_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()] if os.path.exists(metrics_path) else []
+    rows = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["zero_shot_top1"]) for r in rows if "zero_shot_top1" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -455,6 +462,7 @@ def run(cfg: dict) -> dict:
             if step >= cfg["steps"]:
                 break
             t0 = time.time()
+            lr = engine.get_lr()[0]  # the rate this step runs at: train_step steps the scheduler to the next one
             images = batch["images"].to(device)
             tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
             loss = train_step(engine, images, tokens, labels, chunk, autocast, cfg["backend"])
@@ -465,7 +473,7 @@ def run(cfg: dict) -> dict:
             seen += cfg["batch_size"]
             ips = seen / (time.time() - t_start)
             if step % cfg["log_interval"] == 0 or step == cfg["steps"]:
-                metrics.log(step=step, epoch=epoch, loss=loss.item(), lr=engine.get_lr()[0], step_seconds=dt,
+                metrics.log(step=step, epoch=epoch, loss=loss.item(), lr=lr, step_seconds=dt,
                             images_per_s=ips)  # fmt: skip
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{ips:.0f}")
@@ -495,7 +503,8 @@ def run(cfg: dict) -> dict:
         final["metrics"] = os.path.join(out_dir, "metrics.jsonl")
         plot_loss(final["metrics"], os.path.join(out_dir, "loss_curve.png"))
         final["loss_curve"] = os.path.join(out_dir, "loss_curve.png")
-        final["checkpoint"] = os.path.join(ckpt_dir, open(os.path.join(ckpt_dir, "latest")).read().strip())
+        with open(os.path.join(ckpt_dir, "latest"), encoding="utf-8") as f:
+            final["checkpoint"] = os.path.join(ckpt_dir, f.read().strip())
         atomic_write_text(os.path.join(out_dir, "final_metrics.json"), json.dumps(final, indent=1) + "\n")
     return final
 

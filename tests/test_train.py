@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from florence.data import builtin, curate
-from florence.train import load_config
+from florence.train import load_config, lr_lambda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("deepspeed")
@@ -48,7 +48,7 @@ def _train(data, out, nproc=1, env=None, **over):
     return proc
 
 
-def _losses(out):
+def _rows(out):
     path = os.path.join(out, "metrics.jsonl")
     rows = []
     for line in open(path) if os.path.exists(path) else []:
@@ -56,7 +56,15 @@ def _losses(out):
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line being written while the test polls
             pass
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return [r for r in rows if "loss" in r]
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in _rows(out)}
+
+
+def _lrs(out):
+    return {r["step"]: r["lr"] for r in _rows(out)}
 
 
 def _params(out):
@@ -70,12 +78,16 @@ def test_zero_stages_on_two_ranks_match_one_process(data, tmp_path):
     _train(data, tmp_path / "one", steps=5)
     ref = _losses(tmp_path / "one")
     assert sorted(ref) == [1, 2, 3, 4, 5] and ref[5] < ref[1]
+    # the learning rate each step ran at (lr 1e-3, 2 warm-up steps, then cosine over 3): step 1 at half the rate
+    expected_lr = {1: 5e-4, 2: 1e-3, 3: 1e-3, 4: 7.5e-4, 5: 2.5e-4}
+    assert _lrs(tmp_path / "one") == pytest.approx(expected_lr, rel=1e-9)
     for stage in (1, 2, 3):
         out = tmp_path / f"zero{stage}"
         _train(data, out, nproc=2, zero_stage=stage, steps=5)
         got = _losses(out)
         for s in ref:  # fp32; the reductions run in a different order on 2 ranks
             assert got[s] == pytest.approx(ref[s], rel=2e-5, abs=2e-5), (stage, s, got, ref)
+        assert _lrs(out) == pytest.approx(expected_lr, rel=1e-9)
 
 
 def test_gradient_cache_and_activation_checkpointing_give_the_same_parameters(data, tmp_path):
@@ -120,6 +132,10 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(data, tmp_path):
     assert sorted(resumed) == list(range(1, 9))
     for s in range(1, 9):
         assert resumed[s] == pytest.approx(full[s], rel=1e-6, abs=1e-7), (s, resumed, full)
+    schedule = lr_lambda(load_config(None, _args(data, out, steps=8)[1:]))
+    expected_lr = {s: 1e-3 * schedule(s - 1) for s in range(1, 9)}  # step s runs at the scheduler's (s - 1)th rate
+    assert _lrs(tmp_path / "full") == pytest.approx(expected_lr, rel=1e-9)
+    assert _lrs(out) == pytest.approx(expected_lr, rel=1e-9)  # steps 4-8 after the restart too
 
 
 def test_config_errors_name_the_key(tmp_path):
