@@ -36,6 +36,12 @@ try:
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the portable path: float64 for float64 features, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # --- reference: the formula as written ------------------------------------------------------------------------------
 
 
@@ -58,9 +64,11 @@ def contrastive_loss_reference(u, v, logit_scale, labels=None, rows: slice | Non
 
 def positive_term(u_rows, v_rows, u_all, v_all, logit_scale, labels_rows, labels_all):
     """1/(2 M) sum over the M given rows of (mean positive logit of row i in s) + (mean positive logit of column i),
-    positives taken among all samples (u_all, v_all, labels_all). fp32; autograd through every argument."""
+    positives taken among all samples (u_all, v_all, labels_all). fp32 (fp64 for fp64 features); autograd through
+    every argument."""
     M = u_rows.shape[0]
-    u_rows, v_rows, u_all, v_all = (t.float() for t in (u_rows, v_rows, u_all, v_all))
+    ct = acc_dtype(u_rows.dtype)
+    u_rows, v_rows, u_all, v_all = (t.to(ct) for t in (u_rows, v_rows, u_all, v_all))
     if labels_all is None:  # CLIP: each sample is its own only positive
         return logit_scale * (u_rows * v_rows).sum() / M
     classes, inv_all = torch.unique(labels_all, return_inverse=True)
@@ -85,19 +93,21 @@ def _tiles(n: int, tile: int):
 
 
 def lse_pair_torch_fwd(a, b, scale, need_cols: bool = True, tile: int | None = None):
-    """Row and column log-sum-exp of s = scale * a b^T ((M,) and (N,) fp32; columns empty unless need_cols)."""
+    """Row and column log-sum-exp of s = scale * a b^T ((M,) and (N,) in fp32, fp64 for fp64 inputs; columns empty
+    unless need_cols)."""
     M, N = a.shape[0], b.shape[0]
     tile = tile or TORCH_TILE
-    t = scale.float()  # 0-dim tensor: no device sync
-    r = a.new_empty(M, dtype=torch.float32)
-    col_m = a.new_full((N,), float("-inf"), dtype=torch.float32)
-    col_l = a.new_zeros(N, dtype=torch.float32)
+    ct = acc_dtype(a.dtype)
+    t = scale.to(ct)  # 0-dim tensor: no device sync
+    r = a.new_empty(M, dtype=ct)
+    col_m = a.new_full((N,), float("-inf"), dtype=ct)
+    col_l = a.new_zeros(N, dtype=ct)
     for i0, i1 in _tiles(M, tile):
-        a_i = a[i0:i1].float()
-        row_m = a.new_full((i1 - i0,), float("-inf"), dtype=torch.float32)
-        row_l = a.new_zeros(i1 - i0, dtype=torch.float32)
+        a_i = a[i0:i1].to(ct)
+        row_m = a.new_full((i1 - i0,), float("-inf"), dtype=ct)
+        row_l = a.new_zeros(i1 - i0, dtype=ct)
         for j0, j1 in _tiles(N, tile):
-            s = torch.mm(a_i, b[j0:j1].float().t()).mul_(t)
+            s = torch.mm(a_i, b[j0:j1].to(ct).t()).mul_(t)
             m_new = torch.maximum(row_m, s.amax(1))
             row_l = row_l * (row_m - m_new).exp() + (s - m_new[:, None]).exp_().sum(1)
             row_m = m_new
@@ -107,23 +117,24 @@ def lse_pair_torch_fwd(a, b, scale, need_cols: bool = True, tile: int | None = N
                 cl.mul_((cm - c_new).exp()).add_(s.sub_(c_new[None, :]).exp_().sum(0))
                 cm.copy_(c_new)
         r[i0:i1] = row_m + row_l.log()
-    c = col_m + col_l.log() if need_cols else a.new_empty(0, dtype=torch.float32)
+    c = col_m + col_l.log() if need_cols else a.new_empty(0, dtype=ct)
     return r, c
 
 
 def lse_pair_torch_bwd(a, b, scale, r, c, grad_r, grad_c, tile: int | None = None):
-    """Gradients of sum(grad_r * r) + sum(grad_c * c) with respect to a, b and the scale (fp32)."""
+    """Gradients of sum(grad_r * r) + sum(grad_c * c) with respect to a, b and the scale (fp32; fp64 inputs: fp64)."""
     M, N = a.shape[0], b.shape[0]
     tile = tile or TORCH_TILE
-    t = scale.float()  # 0-dim tensor: no device sync
-    da = torch.zeros(M, a.shape[1], device=a.device, dtype=torch.float32)
-    db = torch.zeros(N, b.shape[1], device=a.device, dtype=torch.float32)
-    g_s = torch.zeros((), device=a.device, dtype=torch.float32)  # sum_ij G_ij s_ij
+    ct = acc_dtype(a.dtype)
+    t = scale.to(ct)  # 0-dim tensor: no device sync
+    da = torch.zeros(M, a.shape[1], device=a.device, dtype=ct)
+    db = torch.zeros(N, b.shape[1], device=a.device, dtype=ct)
+    g_s = torch.zeros((), device=a.device, dtype=ct)  # sum_ij G_ij s_ij
     use_cols = grad_c is not None and c.numel() > 0
     for i0, i1 in _tiles(M, tile):
-        a_i = a[i0:i1].float()
+        a_i = a[i0:i1].to(ct)
         for j0, j1 in _tiles(N, tile):
-            b_j = b[j0:j1].float()
+            b_j = b[j0:j1].to(ct)
             s = torch.mm(a_i, b_j.t()).mul_(t)
             g = (s - r[i0:i1, None]).exp_().mul_(grad_r[i0:i1, None])
             if use_cols:
@@ -290,9 +301,8 @@ def _lse_pair_op(
 
 @_lse_pair_op.register_fake
 def _(a, b, scale, need_cols, backend):
-    return a.new_empty(a.shape[0], dtype=torch.float32), a.new_empty(
-        b.shape[0] if need_cols else 0, dtype=torch.float32
-    )
+    ct = acc_dtype(a.dtype)
+    return a.new_empty(a.shape[0], dtype=ct), a.new_empty(b.shape[0] if need_cols else 0, dtype=ct)
 
 
 @torch.library.custom_op("florence_kernels::contrastive_lse_pair_bwd", mutates_args=())
@@ -319,8 +329,8 @@ def _lse_setup_context(ctx, inputs, output):
 def _lse_backward(ctx, grad_r, grad_c):
     a, b, scale, r, c = ctx.saved_tensors
     # contiguous: the gradient of r.sum() arrives expanded (stride 0), and kernels index it as a vector
-    grad_r = torch.zeros_like(r) if grad_r is None else grad_r.float().contiguous()
-    grad_c = torch.zeros_like(c) if grad_c is None else grad_c.float().contiguous()
+    grad_r = torch.zeros_like(r) if grad_r is None else grad_r.to(r.dtype).contiguous()
+    grad_c = torch.zeros_like(c) if grad_c is None else grad_c.to(c.dtype).contiguous()
     da, db, dscale = _lse_pair_bwd_op(a, b, scale, r, c, grad_r, grad_c, ctx.backend)
     return da, db, dscale, None, None
 
@@ -340,13 +350,14 @@ def lse_pair(a, b, scale, need_cols: bool = True, backend: str = "torch"):
 
 
 def _class_sums(x, class_ids, n_classes):
-    return x.new_zeros(n_classes, x.shape[1], dtype=torch.float32).index_add_(0, class_ids, x.float())
+    ct = acc_dtype(x.dtype)
+    return x.new_zeros(n_classes, x.shape[1], dtype=ct).index_add_(0, class_ids, x.to(ct))
 
 
 def _positive_parts(u, v, class_ids, n_classes):
-    """(U, V, 1 / counts, sum_c U_c . V_c / n_c), fp32, no autograd."""
+    """(U, V, 1 / counts, sum_c U_c . V_c / n_c), fp32 (fp64 for fp64 features), no autograd."""
     U, V = _class_sums(u, class_ids, n_classes), _class_sums(v, class_ids, n_classes)
-    inv_counts = 1.0 / torch.bincount(class_ids, minlength=n_classes).float()
+    inv_counts = 1.0 / torch.bincount(class_ids, minlength=n_classes).to(U.dtype)
     return U, V, inv_counts, ((U * V).sum(1) * inv_counts).sum()
 
 
@@ -357,14 +368,14 @@ def _unicl_loss_op(
     N = u.shape[0]
     r, c = _lse_fwd_impl(u, v, scale, True, backend)
     pos = _positive_parts(u, v, class_ids, n_classes)[3]
-    loss = (r.sum() + c.sum()) / (2 * N) - scale.float() * pos / N
+    loss = (r.sum() + c.sum()) / (2 * N) - scale.to(r.dtype) * pos / N
     return loss, r, c
 
 
 @_unicl_loss_op.register_fake
 def _(u, v, scale, class_ids, n_classes, backend):
-    f32 = dict(device=u.device, dtype=torch.float32)
-    return torch.empty((), **f32), torch.empty(u.shape[0], **f32), torch.empty(v.shape[0], **f32)
+    acc = dict(device=u.device, dtype=acc_dtype(u.dtype))
+    return torch.empty((), **acc), torch.empty(u.shape[0], **acc), torch.empty(v.shape[0], **acc)
 
 
 @torch.library.custom_op("florence_kernels::unicl_loss_bwd", mutates_args=())
@@ -373,11 +384,11 @@ def _unicl_loss_bwd_op(
     class_ids: torch.Tensor, n_classes: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     N = u.shape[0]
-    g = grad.float()
+    g = grad.to(r.dtype)
     g_lse = (g / (2 * N)).expand(N).contiguous()
     du, dv, g_s = _lse_bwd_impl(u, v, scale, r, c, g_lse, g_lse, backend)
     U, V, inv_counts, pos = _positive_parts(u, v, class_ids, n_classes)
-    w = (g * scale.float() / N) * inv_counts
+    w = (g * scale.to(r.dtype) / N) * inv_counts
     du.sub_((V * w[:, None])[class_ids])
     dv.sub_((U * w[:, None])[class_ids])
     dscale = g_s - g * pos / N
@@ -493,14 +504,16 @@ def contrastive_loss(
         backend: None (automatic), "reference" (N x N logits), "torch" (tiled) or "triton" (fused tiles, CUDA).
 
     Returns:
-        0-dim float32 tensor (L_i2t + L_t2i) / 2.
+        0-dim tensor (L_i2t + L_t2i) / 2: float32 (float64 for float64 features, computed in float64). An empty
+        batch (N = 0) gives NaN, the mean over no pairs (as open_clip's ClipLoss), with empty feature gradients and
+        a zero logit_scale gradient.
     """
     u, v = image_features, text_features
     for name, t in (("image_features", u), ("text_features", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2 or t.shape[0] == 0:
-            raise ValueError(f"{name}: expected a non-empty (N, D) tensor, got shape {tuple(t.shape)}")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected an (N, D) tensor, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
     if u.shape != v.shape:
@@ -515,7 +528,7 @@ def contrastive_loss(
         logit_scale = torch.tensor(float(logit_scale), device=u.device)
     if logit_scale.numel() != 1:
         raise ValueError(f"logit_scale: expected a 0-dim tensor (the multiplier), got shape {tuple(logit_scale.shape)}")
-    logit_scale = logit_scale.reshape(()).to(device=u.device, dtype=torch.float32)
+    logit_scale = logit_scale.reshape(()).to(device=u.device, dtype=acc_dtype(u.dtype))
     N = u.shape[0]
     if labels is not None:
         if not isinstance(labels, torch.Tensor) or labels.shape != (N,) or labels.dtype != torch.int64:
@@ -524,6 +537,8 @@ def contrastive_loss(
         labels = labels.to(u.device)
     group, distributed = _resolve_group(process_group)
     name = CONTRASTIVE_LOSS.select([u, v], backend)
+    if N == 0 and not distributed:  # the mean over no pairs, as open_clip's ClipLoss (cross_entropy) gives
+        return (u.sum() + v.sum()) * logit_scale * 0 + float("nan")
 
     if distributed:
         _check_equal_batches(N, u.device, group)

@@ -107,7 +107,18 @@ def _out_rows(x, weight, stride, padding, layout):
     return rows
 
 
+# fp16/bf16 on the CPU: convolution and LayerNorm in fp32, one rounding at the end. The convolution's output is an
+# intermediate that LayerNorm brings back to O(1): in fp16 it can overflow (> 65,504) where the op's output fits, as the
+# Triton kernel's fp32 accumulator never does; and oneDNN's 16-bit convolution is the slower one here (5x at CoSwin-T's
+# first merge, 8 x 96 x 56 x 56, on the 2-core development VM). On CUDA the convolution stays in the input's dtype
+# (cuDNN accumulates in fp32 but writes fp16: an output beyond fp16's range still overflows there; Triton does not).
+
+
 def conv_embed_torch(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, layout):
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):
+            args = [t.float() if t is not None else None for t in (x, weight, bias, norm_weight, norm_bias)]
+            return conv_embed_torch(*args, stride, padding, eps, layout).to(x.dtype)
     spatial = weight.dim() - 2
     if x.device.type == "cpu" and _out_rows(x, weight, stride, padding, layout) < CPU_CHANNELS_LAST_MIN_ROWS:
         xc = (_to_channels_first_view(x) if layout == "channels_last" else x).contiguous()
@@ -217,6 +228,8 @@ def conv_embed_triton_fwd(x, weight, bias, norm_weight, norm_bias, stride, paddi
     xhat = torch.empty_like(out)
     rstd = torch.empty((B, To, Ho, Wo), device=x.device, dtype=torch.float32)
     cfg = triton_conv_embed_config(C_out, x.dtype)
+    # the kernel reads the (C_out,) vectors with unit stride
+    bias, norm_weight, norm_bias = (t.contiguous() if t is not None else None for t in (bias, norm_weight, norm_bias))
     dummy = rstd
     grid = (triton.cdiv(B * To * Ho * Wo, cfg["BLOCK_M"]),)
     _conv_embed_kernel[grid](

@@ -121,9 +121,9 @@ def deform_conv_reference(inp, offset, mask, weight, bias, stride, padding, dila
     for dy, dx, wgt in ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx), (1, 0, ly * (1 - lx)), (1, 1, ly * lx)):
         yy, xx = y0 + dy, x0 + dx
         ok = finite & (yy >= 0) & (yy <= H - 1) & (xx >= 0) & (xx <= W - 1)
-        idx = torch.where(ok, yy * W + xx, 0).long().reshape(B, G, 1, -1)
+        idx = torch.where(ok, yy * W + xx, 0).long().reshape(B, G, 1, K * H_out * W_out)
         vals = torch.gather(src, 3, idx.expand(B, G, C_in // G, idx.shape[-1]))
-        vals = torch.where(ok.reshape(B, G, 1, -1), vals, 0).reshape(B, G, C_in // G, K, H_out, W_out)
+        vals = torch.where(ok.reshape(B, G, 1, K * H_out * W_out), vals, 0).reshape(B, G, C_in // G, K, H_out, W_out)
         sampled = sampled + vals * wgt.unsqueeze(2)
     sampled = _ZeroOutside.apply(sampled, _outside(y, x, H, W).unsqueeze(2))
     if mask is not None:
@@ -153,15 +153,15 @@ class _Bilinear:
     which are finite."""
 
     def __init__(self, y, x, H, W):
-        B, G = y.shape[:2]
-        self.outside = _outside(y, x, H, W).reshape(B, G, 1, -1)
-        self.finite = (torch.isfinite(y) & torch.isfinite(x)).reshape(B, G, 1, -1)
+        B, G, KP = y.shape  # explicit sizes: a -1 is ambiguous for an empty batch
+        self.outside = _outside(y, x, H, W).reshape(B, G, 1, KP)
+        self.finite = (torch.isfinite(y) & torch.isfinite(x)).reshape(B, G, 1, KP)
         y0, x0 = y.floor(), x.floor()
-        self.ly, self.lx = (y - y0).reshape(B, G, 1, -1), (x - x0).reshape(B, G, 1, -1)
+        self.ly, self.lx = (y - y0).reshape(B, G, 1, KP), (x - x0).reshape(B, G, 1, KP)
         y0, x0 = torch.nan_to_num(y0, nan=-2.0), torch.nan_to_num(x0, nan=-2.0)  # NaN: both corners in the border
         rows = [(y0 + d).clamp(-1, H).add_(1).to(torch.int64) for d in (0, 1)]
         cols = [(x0 + d).clamp(-1, W).add_(1).to(torch.int64) for d in (0, 1)]
-        self.index = [(rows[a] * (W + 2) + cols[b]).reshape(B, G, 1, -1) for a in (0, 1) for b in (0, 1)]
+        self.index = [(rows[a] * (W + 2) + cols[b]).reshape(B, G, 1, KP) for a in (0, 1) for b in (0, 1)]
         hy, hx = 1 - self.ly, 1 - self.lx
         self.weight = [hy * hx, hy * self.lx, self.ly * hx, self.ly * self.lx]
 
@@ -184,8 +184,8 @@ class _Bilinear:
 
 def _bordered(inp, G, ct):
     """(B, G, C_in / G, (H + 2) (W + 2)) in ct: the input with a one-pixel zero border, flattened per plane."""
-    B, C_in = inp.shape[:2]
-    return F.pad(inp.to(ct), (1, 1, 1, 1)).reshape(B, G, C_in // G, -1)
+    B, C_in, H, W = inp.shape
+    return F.pad(inp.to(ct), (1, 1, 1, 1)).reshape(B, G, C_in // G, (H + 2) * (W + 2))
 
 
 def _torch_plan(inp, offset, weight, stride, padding, dilation, G, ct):
@@ -193,7 +193,8 @@ def _torch_plan(inp, offset, weight, stride, padding, dilation, G, ct):
     kh, kw = weight.shape[2:]
     H_out, W_out = offset.shape[-2:]
     y, x = sampling_positions(offset, kh, kw, G, stride, padding, dilation, H_out, W_out, ct)
-    return _Bilinear(y.reshape(B, G, -1), x.reshape(B, G, -1), H, W)
+    KP = kh * kw * H_out * W_out
+    return _Bilinear(y.reshape(B, G, KP), x.reshape(B, G, KP), H, W)
 
 
 def _torch_columns(inp, offset, mask, weight, stride, padding, dilation, G, ct):
@@ -441,6 +442,7 @@ def deform_conv_triton_fwd(inp, offset, mask, weight, bias, stride, padding, dil
         return inp.new_empty((0, weight.shape[0], *offset.shape[-2:]))
     inp, offset, weight = inp.contiguous(), offset.contiguous(), weight.contiguous()
     mask = mask.contiguous() if mask is not None else None
+    bias = bias.contiguous() if bias is not None else None  # read with unit stride
     B, C_in, H, W = inp.shape
     C_out, cpg, kh, kw = weight.shape
     K = kh * kw

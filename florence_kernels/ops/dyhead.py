@@ -19,6 +19,8 @@ the public functions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -48,17 +50,21 @@ def dyrelu_reference(x, coefficients):
     return torch.max(x * (a1 * 2.0 + 1.0) + b1, x * (a2 * 2.0) + b2)
 
 
+# The mean over the terms is taken as a sum of terms weighted by pi / n (not the sum divided by n, as mmdetection
+# writes it): in fp16 three terms near 30,000 overflow in the sum while their mean fits. Every path does the same.
+
+
 def scale_aware_reference(terms, weight, bias):
     out = 0
     for t in terms:
         pooled = F.adaptive_avg_pool2d(t, 1)
         pi = hard_sigmoid(F.relu(F.conv2d(pooled, weight.view(1, -1, 1, 1), bias)))
-        out = out + t * pi
-    return out / len(terms)
+        out = out + t * (pi / len(terms))
+    return out
 
 
 def scale_task_reference(terms, pi, coefficients):
-    fused = sum(t * pi[:, k].view(-1, 1, 1, 1) for k, t in enumerate(terms)) / len(terms)
+    fused = sum(t * (pi[:, k].view(-1, 1, 1, 1) / len(terms)) for k, t in enumerate(terms))
     return dyrelu_reference(fused, coefficients)
 
 
@@ -76,13 +82,15 @@ def dyrelu_torch(x, coefficients):
 
 
 def scale_aware_torch(terms, weight, bias):
-    """One reduction per term for the weights, then one fused multiply-accumulate pass per term."""
+    """One reduction per term for the weights (in fp32 at least), then one fused multiply-accumulate pass per term."""
+    acc = torch.promote_types(terms[0].dtype, torch.float32)
     out = None
     for t in terms:
-        pi = hard_sigmoid(F.relu(t.mean(dim=(2, 3)) @ weight.reshape(-1, 1) + bias))  # (B, 1)
-        pi = pi.view(-1, 1, 1, 1).to(t.dtype)
+        pooled = t.mean(dim=(2, 3), dtype=acc)
+        pi = hard_sigmoid(F.relu(pooled @ weight.reshape(-1, 1).to(acc) + bias.to(acc)))  # (B, 1)
+        pi = (pi / len(terms)).view(-1, 1, 1, 1).to(t.dtype)
         out = t * pi if out is None else torch.addcmul(out, t, pi)
-    return out / len(terms)
+    return out
 
 
 def scale_task_torch(terms, pi, coefficients):
@@ -172,7 +180,7 @@ def dyrelu_triton_fwd(x, coefficients):
     B, C = x.shape[:2]
     xc, y = x.contiguous(), coefficients.reshape(B, 4 * C).contiguous()
     out = torch.empty_like(xc)
-    _dyrelu_fwd_kernel[(B * C,)](xc, y, out, C, xc[0, 0].numel(), BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
+    _dyrelu_fwd_kernel[(B * C,)](xc, y, out, C, math.prod(x.shape[2:]), BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
     return out
 
 
@@ -181,7 +189,7 @@ def dyrelu_triton_bwd(grad, x, coefficients):
     xc, y, g = x.contiguous(), coefficients.reshape(B, 4 * C).contiguous(), grad.contiguous()
     dx = torch.empty_like(xc)
     dy = torch.empty((B, 4 * C), device=x.device, dtype=torch.float32)
-    _dyrelu_bwd_kernel[(B * C,)](xc, y, g, dx, dy, C, xc[0, 0].numel(), BLOCK=TRITON_BLOCK,
+    _dyrelu_bwd_kernel[(B * C,)](xc, y, g, dx, dy, C, math.prod(x.shape[2:]), BLOCK=TRITON_BLOCK,
                                  num_warps=TRITON_NUM_WARPS)  # fmt: skip
     return dx, dy.to(coefficients.dtype).reshape(coefficients.shape)
 

@@ -157,7 +157,9 @@ def attention_core_torch(qw, kw, vw, attn_bias, scale, dropout_p=0.0):
     """qw, kw, vw (B, nW, nh, N, hd); attn_bias broadcastable to (B, nW, nh, N, N). Returns (B, nW, nh, N, hd)."""
     if qw.is_cuda:
         return F.scaled_dot_product_attention(qw, kw, vw, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
-    attn = torch.matmul(qw, kw.transpose(-2, -1)).mul_(scale)
+    # q scaled before the product, as Swin does: in fp16, q k^T can exceed 65,504 where scale q k^T fits (q, k ~ 48,
+    # head_dim 32: 75,000 vs 13,000). Also the smaller pass: N hd elements instead of N^2.
+    attn = torch.matmul(qw * scale, kw.transpose(-2, -1))
     if attn_bias is not None:
         attn.add_(attn_bias)  # in place: matmul's backward needs its inputs, not this output
     attn = attn.softmax(dim=-1)
@@ -675,8 +677,6 @@ def _triton_limits(q, k, v, *, dropout_p=0.0, **_) -> list[str]:
         reasons.append(f"head_dim {q.shape[-1]} > {TRITON_HEAD_DIMS[-1]}")
     if dropout_p > 0:
         reasons.append("attention dropout is not fused (dropout_p > 0)")
-    if any(t.stride(-1) != 1 for t in (q, k, v)):
-        reasons.append("head_dim must be the innermost (stride 1) axis of q, k and v")
     return reasons
 
 
@@ -756,6 +756,8 @@ def window_attention(
     if nsp == 2:
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
     name = WINDOW_ATTENTION.select([q, k, v], backend, dropout_p=dropout_p)
+    if name == "triton" and any(t.stride(-1) != 1 for t in (q, k, v)):  # the kernels read head_dim with unit stride
+        q, k, v = (t.contiguous() if t.stride(-1) != 1 else t for t in (q, k, v))
     if name == "reference":
         out = window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale, dropout_p)
     elif name == "torch":

@@ -128,7 +128,7 @@ def test_bad_input_names_the_argument():
     u, v = _features(4, 8)
     with pytest.raises(ValueError, match=r"text_features: expected shape \(4, 8\)"):
         fk.contrastive_loss(u, v[:3], 1.0)
-    with pytest.raises(ValueError, match=r"image_features: expected a non-empty \(N, D\) tensor"):
+    with pytest.raises(ValueError, match=r"image_features: expected an \(N, D\) tensor, got shape \(8,\)"):
         fk.contrastive_loss(u[0], v[0], 1.0)
     with pytest.raises(ValueError, match=r"labels: expected an int64 tensor of shape \(4,\), got torch.int32"):
         fk.contrastive_loss(u, v, 1.0, torch.zeros(4, dtype=torch.int32))
