@@ -14,7 +14,21 @@ from .ops.dyhead import dyrelu, scale_aware_attention, scale_task_attention
 from .ops.window_attention import window_attention
 from .ops.window_partition import window_partition, window_reverse
 
+from . import nn  # noqa: E402  # isort: skip  (after the ops it uses; fk.nn works after import, as torch.nn does)
+
 __version__ = "0.1.0"
+
+_SUBMODULES = ("gradcache", "info", "ops", "testing", "triton_aot")
+
+
+def __getattr__(name):
+    """The other submodules on first use (``fk.testing``, ``fk.gradcache``, ...)."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BACKEND_NAMES",
@@ -28,6 +42,7 @@ __all__ = [
     "scale_task_attention",
     "conv_embed",
     "modulated_deform_conv2d",
+    "nn",
     "window_attention",
     "window_partition",
     "window_reverse",

@@ -123,6 +123,7 @@ class Mlp(nn.Module):
         """The chunked CPU path applies: GELU, no active dropout, fp32/fp64 CPU input, no autocast."""
         return (
             self.chunked
+            and x.numel() > 0  # nothing to chunk in an empty batch
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64)
             and type(self.act) is nn.GELU
@@ -175,6 +176,9 @@ class WindowAttention3D(nn.Module):
         return self.attn_drop if self.training else 0.0
 
     def forward(self, x: torch.Tensor, shift_size=(0, 0, 0)) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected (B, T, H, W, C={self.dim}), got {got}")
         B, T, H, W, C = x.shape
         shift = tuple(shift_size)
         _check_window_args(self.window_size, shift, 3)
@@ -225,7 +229,7 @@ class SwinBlock3D(nn.Module):
         self.window_size = _triple("window_size", window_size, 1)
         self.shift_size = _triple("shift_size", shift_size, 0)
         _check_window_args(self.window_size, self.shift_size, 3)
-        self.pad_mode = pad_mode
+        self.dim, self.pad_mode = dim, pad_mode
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention3D(dim, num_heads, self.window_size, qkv_bias, attn_drop, drop, backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -242,11 +246,12 @@ class SwinBlock3D(nn.Module):
         return self.attn(xp, self.shift_size)[:, :T, :H, :W]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5) or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected (B, T, H, W, C) or (B, H, W, C) with C = {self.dim}, got {got}")
         squeeze = x.dim() == 4
         if squeeze:
             x = x.unsqueeze(1)
-        if x.dim() != 5:
-            raise ValueError(f"x: expected (B, T, H, W, C) or (B, H, W, C), got shape {tuple(x.shape)}")
         # Residual sums in place into the branch outputs (fresh tensors that no backward needs): two fewer
         # activation-sized allocations per block.
         x = self.drop_path(self._attention(self.norm1(x))).add_(x)
@@ -276,8 +281,8 @@ class UniCLLoss(nn.Module):
         return self.logit_scale.clamp(max=self.max_logit_scale).exp()
 
     def forward(self, image_features, text_features, labels=None):
-        return contrastive_loss(image_features, text_features, self.scale(), labels,
-                                process_group=self.process_group, backend=self.backend)  # fmt: skip
+        return contrastive_loss(image_features, text_features, self.scale(), labels, process_group=self.process_group,
+                                backend=_op_backend("contrastive_loss", self.backend))  # fmt: skip
 
 
 class ConvEmbed(nn.Module):
@@ -356,6 +361,9 @@ class DyReLU(nn.Module):
         self.conv2 = _ConvAct(channels // ratio, channels * 4, hard_sigmoid)
 
     def forward(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected (B, C={self.channels}, H, W), got {got}")
         coefficients = self.conv2(self.conv1(F.adaptive_avg_pool2d(x, 1)))
         return dyrelu(x, coefficients, backend=_op_backend("dyrelu", self.backend))
 
@@ -400,7 +408,7 @@ class DyHeadBlock(nn.Module):
         self.spatial_conv_offset = nn.Conv2d(in_channels, 27, 3, padding=1)
         self.scale_attn_module = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(out_channels, 1, 1))
         self.task_attn_module = DyReLU(out_channels, backend=backend)
-        self.backend = backend
+        self.in_channels, self.backend = in_channels, backend
         for m in self.modules():  # mmdetection's init: normal(0, 0.01) convolutions, zero biases, zero offsets
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0, 0.01)
@@ -412,6 +420,7 @@ class DyHeadBlock(nn.Module):
             nn.init.zeros_(self.spatial_conv_offset.bias)
 
     def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        check_pyramid(x, self.in_channels)
         conv = self.scale_attn_module[1]
         outs = []
         for level in range(len(x)):
@@ -444,6 +453,37 @@ class DyHeadBlock(nn.Module):
         coefficients = task.conv2(task.conv1(pooled_fused.to(dt)[..., None, None]))
         backend = _op_backend("scale_task_attention", self.backend)
         return scale_task_attention(terms, pi.to(dt), coefficients, backend=backend)
+
+
+def check_pyramid(x, channels: int) -> None:
+    """The levels a DyHeadBlock can take, or a ValueError naming the level, its shape and what was expected.
+
+    Level l's offsets drive the stride-2 3x3 deformable convolution of level l - 1 (mmdetection's spatial_conv_low),
+    whose output is ceil(H / 2) x ceil(W / 2) of that level: so each level must be exactly that size of the one before
+    it, as FPN levels made by stride-2 convolutions (padding 1) are. Floored sizes (17 -> 8, from pooling without
+    padding or from cropping) are refused here rather than failing inside the convolution on offsets the caller never
+    passed.
+    """
+    if not isinstance(x, (list, tuple)) or not x:
+        raise ValueError(f"x: expected a non-empty list of (B, C, H, W) pyramid levels, got {type(x).__name__}")
+    for i, t in enumerate(x):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != channels:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"x[{i}]: expected a (B, C={channels}, H, W) level, got {got}")
+        if t.shape[0] != x[0].shape[0] or t.dtype != x[0].dtype or t.device != x[0].device:
+            raise ValueError(
+                f"x[{i}]: expected batch {x[0].shape[0]}, {x[0].dtype} on {x[0].device} like x[0], got batch "
+                f"{t.shape[0]}, {t.dtype} on {t.device}"
+            )
+        if i > 0:
+            (hp, wp), (h, w) = x[i - 1].shape[-2:], t.shape[-2:]
+            want = ((hp + 1) // 2, (wp + 1) // 2)
+            if (h, w) != want:
+                raise ValueError(
+                    f"x[{i}]: level {i} is {h}x{w}, expected {want[0]}x{want[1]}: each level must be the stride-2 size "
+                    f"(ceil(H/2) x ceil(W/2)) of the one before it (x[{i - 1}] is {hp}x{wp}), as FPN levels from "
+                    "stride-2 convolutions are; floored sizes (e.g. 17 -> 8) are not supported"
+                )
 
 
 def scale_attention_terms(terms, weight, bias, backend):

@@ -246,3 +246,23 @@ def test_bf16_autocast_runs_every_op_and_matches_reference_ops():
         outs.append([u.float(), e.float(), m.visual.embeds[0].proj.weight.grad])
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+def test_empty_batches_and_grids_whose_size_equals_the_channels():
+    """Batch 0 through the whole model (images and tokens: empty embeddings and gradients); a grid whose side equals
+    its channels (CoSwin-T at 384 px: (B, 96, 96, 96) after the stem) is read in the layout each embedding expects,
+    not guessed from the shape."""
+    model = florence.create_model("florence_cpu_test")
+    images = torch.randn(0, 3, 32, 32, requires_grad=True)
+    emb = model.encode_image(images)
+    assert emb.shape[0] == 0 and emb.dim() == 2
+    emb.sum().backward()
+    assert images.grad.shape == images.shape
+    tokens = torch.zeros(0, get_config("florence_cpu_test")["text"]["context_length"], dtype=torch.long)
+    assert model.encode_text(tokens).shape[0] == 0
+    coswin = create_coswin("coswin_cpu_test")
+    stem = coswin.dims[0]
+    size = 4 * stem  # the stem's output grid is stem x stem with stem channels: (B, C, C, C)
+    pyramid = coswin.forward_pyramid(torch.randn(1, 3, size, size))
+    assert [tuple(p.shape) for p in pyramid] == [(1, d, size // 2 ** (i + 2), size // 2 ** (i + 2))
+                                                 for i, d in enumerate(coswin.dims)]  # fmt: skip

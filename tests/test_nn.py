@@ -195,3 +195,129 @@ def test_drop_path_training_matches_reference_block():
     for backend in BACKENDS:
         for a, b in zip(outs[backend], outs["reference"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=backend)
+
+
+# --- edges from the field (issue 13): empty batches, non-contiguous input, pyramid sizes, fk.nn -----------------------
+
+MODULE_BACKENDS = [None, "reference", "torch", "cpp", "triton"]
+
+
+def _modules(backend):
+    """(name, module, input builder for a batch size): every module of florence_kernels.nn, on one backend."""
+    from florence_kernels.nn import ConvEmbed, DyHead, DyHeadBlock, DyReLU, UniCLLoss
+
+    torch.manual_seed(0)
+    blk = DyHeadBlock(16, backend=backend)
+    with torch.no_grad():
+        blk.spatial_conv_offset.weight.normal_(0, 0.05)  # non-zero offsets
+    return [
+        ("SwinBlock3D-2d", SwinBlock3D(32, 2, (7, 7), (3, 3), backend=backend), lambda B: torch.randn(B, 10, 13, 32)),
+        ("SwinBlock3D-3d", SwinBlock3D(32, 2, (2, 3, 3), (1, 1, 1), backend=backend),
+         lambda B: torch.randn(B, 3, 5, 7, 32)),
+        ("SwinBlock3D-zeros", SwinBlock3D(32, 2, (7, 7), (3, 3), pad_mode="zeros", backend=backend),
+         lambda B: torch.randn(B, 10, 13, 32)),
+        ("WindowAttention3D", WindowAttention3D(32, 2, (2, 3, 3), backend=backend),
+         lambda B: torch.randn(B, 3, 5, 7, 32)),
+        ("ConvEmbed", ConvEmbed(3, 16, 7, 4, 2, backend=backend), lambda B: torch.randn(B, 3, 17, 18)),
+        ("ConvEmbed-3d", ConvEmbed(16, 32, (3, 3, 3), (1, 2, 2), (1, 1, 1), dims=3, backend=backend),
+         lambda B: torch.randn(B, 3, 5, 6, 16)),
+        ("DyReLU", DyReLU(16, backend=backend), lambda B: torch.randn(B, 16, 5, 6)),
+        ("DyHeadBlock", blk, lambda B: [torch.randn(B, 16, 9, 10), torch.randn(B, 16, 5, 5), torch.randn(B, 16, 3, 3)]),
+        ("DyHead", DyHead(16, 2, backend=backend), lambda B: [torch.randn(B, 16, 6, 7), torch.randn(B, 16, 3, 4)]),
+        ("UniCLLoss", UniCLLoss(backend=backend),
+         lambda B: [torch.nn.functional.normalize(torch.randn(B, 8), dim=1) for _ in range(2)]),
+    ]  # fmt: skip
+
+
+def _call(module, inputs):
+    from florence_kernels.nn import DyHead, DyHeadBlock, UniCLLoss
+
+    if isinstance(module, UniCLLoss):
+        return [module(*inputs)]
+    if isinstance(module, (DyHead, DyHeadBlock)):
+        return module(inputs)
+    return [module(inputs)]
+
+
+def _leaves(inputs):
+    return inputs if isinstance(inputs, list) else [inputs]
+
+
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_modules_take_an_empty_batch(backend):
+    """Every module, every backend: batch 0 gives empty outputs and empty input gradients; parameters get zero
+    gradients (UniCLLoss: NaN, the mean over no pairs, as open_clip's ClipLoss)."""
+    for name, module, make in _modules(backend):
+        inputs = [t.requires_grad_() for t in _leaves(make(0))]
+        outs = _call(module, inputs if isinstance(make(0), list) else inputs[0])
+        total = 0
+        for out in outs:
+            if name == "UniCLLoss":
+                assert torch.isnan(out), name
+                total = total + out.nan_to_num(0.0)
+            else:
+                assert out.shape[0] == 0, f"{name}[{backend}]: output {tuple(out.shape)}"
+                total = total + out.sum()
+        total.backward()
+        for t in inputs:
+            assert t.grad is not None and t.grad.shape == t.shape, name
+        for pname, p in module.named_parameters():
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, f"{name}[{backend}] {pname}"
+
+
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_modules_take_non_contiguous_inputs(backend):
+    for name, module, make in _modules(backend):
+        if name == "UniCLLoss":
+            continue
+        module.eval()
+        inputs = _leaves(make(2))
+        moved = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in inputs]
+        assert not moved[0].is_contiguous()
+        plain = _call(module, inputs if isinstance(make(0), list) else inputs[0])
+        other = _call(module, moved if isinstance(make(0), list) else moved[0])
+        for a, b in zip(plain, other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name}[{backend}]")
+
+
+def test_dyhead_pyramid_sizes_are_checked_with_the_callers_shapes():
+    """A floored pyramid (17 then 8) is refused naming the level the caller passed and the size it needs, not with
+    an error about offsets the caller never gave."""
+    from florence_kernels.nn import DyHead, DyHeadBlock
+
+    blk = DyHeadBlock(16)
+    with pytest.raises(ValueError, match=r"x\[1\]: level 1 is 8x8, expected 9x9.*x\[0\] is 17x17"):
+        blk([torch.randn(1, 16, 17, 17), torch.randn(1, 16, 8, 8)])
+    with pytest.raises(ValueError, match=r"x\[2\]: level 2 is 3x4, expected 3x3"):
+        DyHead(16, 1)([torch.randn(1, 16, 10, 10), torch.randn(1, 16, 5, 5), torch.randn(1, 16, 3, 4)])
+    with pytest.raises(ValueError, match=r"x\[1\]: expected a \(B, C=16, H, W\) level, got \(1, 8, 5, 5\)"):
+        blk([torch.randn(1, 16, 10, 10), torch.randn(1, 8, 5, 5)])
+    with pytest.raises(ValueError, match=r"x\[1\]: expected batch 2"):
+        blk([torch.randn(2, 16, 10, 10), torch.randn(1, 16, 5, 5)])
+    with pytest.raises(ValueError, match=r"x: expected a non-empty list"):
+        blk([])
+    blk([torch.randn(1, 16, 17, 17), torch.randn(1, 16, 9, 9), torch.randn(1, 16, 5, 5)])  # ceil sizes: fine
+
+
+def test_module_inputs_are_checked():
+    from florence_kernels.nn import DyReLU
+
+    with pytest.raises(
+        ValueError, match=r"x: expected \(B, T, H, W, C\) or \(B, H, W, C\) with C = 32, got \(2, 7, 7, 16\)"
+    ):
+        SwinBlock3D(32, 2, (7, 7))(torch.randn(2, 7, 7, 16))
+    with pytest.raises(ValueError, match=r"x: expected \(B, T, H, W, C=32\)"):
+        WindowAttention3D(32, 2, (7, 7))(torch.randn(2, 7, 7, 32))
+    with pytest.raises(ValueError, match=r"x: expected \(B, C=16, H, W\)"):
+        DyReLU(16)(torch.randn(2, 8, 5, 5))
+
+
+def test_nn_is_an_attribute_of_the_package():
+    """`import florence_kernels as fk; fk.nn.SwinBlock3D` (as torch.nn after `import torch`), and the other
+    submodules on first use."""
+    import subprocess
+    import sys
+
+    code = ("import florence_kernels as fk; assert fk.nn.SwinBlock3D and fk.nn.DyHead; "
+            "assert fk.testing.assert_close_to_reference and fk.gradcache")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

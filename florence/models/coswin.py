@@ -115,9 +115,10 @@ class CoSwin(nn.Module):
     def _stages(self, images: torch.Tensor):
         self._check(images)
         x = images
-        for embed, stage in zip(self.embeds, self.stages, strict=True):
-            x = stage(embed(x))  # (B, H_i, W_i, C_i) channels-last tokens throughout
-            yield x
+        for i, (embed, stage) in enumerate(zip(self.embeds, self.stages, strict=True)):
+            # the layout said, not guessed: at 384 px CoSwin-T's first grid is (B, 96, 96, 96), C_in on both axes
+            x = stage(embed(x, input_layout="channels_first" if i == 0 else "channels_last"))
+            yield x  # (B, H_i, W_i, C_i) channels-last tokens throughout
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_features): final LayerNorm, global average pool."""
