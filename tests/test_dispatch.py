@@ -79,3 +79,30 @@ def test_registry_lists_every_public_op():
     for op in fk.OPS.values():
         assert set(op.backends) <= set(fk.BACKEND_NAMES)
         assert "reference" in op.backends and "torch" in op.backends
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter switch is for machines without a GPU")
+@pytest.mark.parametrize("first", ["triton", "torchvision", "triton.language"])
+def test_interpreter_switch_works_whatever_was_imported_first(first):
+    """FLORENCE_TRITON_INTERPRET=1 with Triton already imported (directly, or by torchvision) before florence_kernels:
+    kernels that call Triton's own @triton.jit helpers (tl.cdiv, ...) still run under the interpreter."""
+    pytest.importorskip(first)
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import {first}
+import torch
+import florence_kernels as fk
+x, off, m, w = torch.randn(1, 4, 6, 6), torch.randn(1, 18, 6, 6), torch.rand(1, 9, 6, 6), torch.randn(4, 4, 3, 3)
+a = fk.modulated_deform_conv2d(x, off, m, w, padding=1, backend="triton")
+b = fk.modulated_deform_conv2d(x, off, m, w, padding=1, backend="torch")
+torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+x, y = torch.randn(2, 4, 5, 5), torch.rand(2, 16)
+torch.testing.assert_close(fk.dyrelu(x, y, backend="triton"), fk.dyrelu(x, y, backend="torch"))
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"FLORENCE_TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
