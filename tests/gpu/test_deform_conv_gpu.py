@@ -69,3 +69,41 @@ def test_gpu_cuda_backend_is_chosen_automatically():
     tensors, kw = _inputs(CASES[0])
     x, off, mask, w, b = (t.float() for t in tensors)
     assert fk.OPS["modulated_deform_conv2d"].select([x, off, w]) == "cuda"
+
+
+# Issue 13's edges on the GPU: the same inputs as tests/ops/test_deform_conv.py, every GPU backend against
+# torchvision's CPU result in float64 (the convention is defined there; the NaN x offset crashes torchvision itself).
+from tests.ops.test_deform_conv import (  # noqa: E402
+    INTEGER_CASES,
+    NAMES,
+    NONFINITE,
+    _id,
+    _integer_inputs,
+    _nonfinite_inputs,
+    _run_tensors,
+)
+
+GPU_BACKENDS = ["cuda", "triton", "torch", "reference"]
+
+
+def _compare_on_gpu(tensors, kw, backend, what):
+    want = _run_tensors(tensors, kw, "torchvision", torch.float64)
+    dt = torch.float32 if backend == "triton" else torch.float64
+    got = _run_tensors([t.cuda() for t in tensors], kw, backend, dt)
+    tol = 1e-4 if dt == torch.float32 else 1e-8
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(a.double().cpu(), b, rtol=tol, atol=tol, equal_nan=True, msg=f"{what} {name}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", INTEGER_CASES, ids=lambda c: _id(c) + "-" + c[-1])
+def test_gpu_integer_positions_follow_torchvision(case, backend):
+    tensors, kw = _integer_inputs(case)
+    _compare_on_gpu(tensors, kw, backend, f"{backend} {_id(case)}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("value,channel", NONFINITE, ids=lambda v: str(v))
+def test_gpu_non_finite_offsets_follow_torchvision(value, channel, backend):
+    tensors, kw = _nonfinite_inputs(value, channel)
+    _compare_on_gpu(tensors, kw, backend, f"{backend} offset {value} on channel {channel}")

@@ -184,7 +184,7 @@ def _run_tensors(tensors, kw, backend, dtype, grad_seed=3):
     else:
         out = fk.modulated_deform_conv2d(x, offset, mask, weight, bias, backend=backend, **kw)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    out.backward(g.to(dtype))
+    out.backward(g.to(out.device, dtype))
     return [out] + [t.grad for t in leaves]
 
 
