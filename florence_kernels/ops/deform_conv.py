@@ -217,7 +217,7 @@ def deform_conv_torch_fwd(inp, offset, mask, weight, bias, stride, padding, dila
     ct = compute_dtype(inp.dtype)
     cols = _torch_columns(inp, offset, mask, weight, stride, padding, dilation, G, ct)[3]
     groups = cols.shape[1]
-    w = weight.to(ct).reshape(1, groups, C_out // groups, -1)
+    w = weight.to(ct).reshape(1, groups, C_out // groups, cpg * weight.shape[2] * weight.shape[3])
     out = torch.matmul(w, cols).reshape(B, C_out, H_out, W_out)
     if bias is not None:
         out = out + bias.to(ct).view(1, -1, 1, 1)
@@ -530,7 +530,9 @@ def modulated_deform_conv2d(
             raise ValueError(f"{name}: expected a {dim}-D tensor, got {got}")
     B, C_in, H, W = input.shape
     C_out, cpg, kh, kw = weight.shape
-    if cpg < 1 or kh < 1 or kw < 1 or C_in % cpg or C_out % (C_in // cpg):
+    if cpg < 1 or kh < 1 or kw < 1:
+        raise ValueError(f"weight: expected (C_out, C_in / groups >= 1, kh >= 1, kw >= 1), got {tuple(weight.shape)}")
+    if C_in % cpg or C_in == 0 or C_out % (C_in // cpg):
         raise ValueError(f"weight: shape {tuple(weight.shape)} does not divide input channels {C_in} into groups")
     H_out = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     W_out = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1

@@ -45,8 +45,8 @@ def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 def dyrelu_reference(x, coefficients):
     C = x.shape[1]
-    y = coefficients.reshape(x.shape[0], 4 * C, *([1] * (x.dim() - 2))) - 0.5
-    a1, b1, a2, b2 = torch.split(y, C, dim=1)
+    y = coefficients.reshape(x.shape[0], 4, C, *([1] * (x.dim() - 2))) - 0.5
+    a1, b1, a2, b2 = y.unbind(1)
     return torch.max(x * (a1 * 2.0 + 1.0) + b1, x * (a2 * 2.0) + b2)
 
 

@@ -121,7 +121,7 @@ def window_attention_reference(q, k, v, window_size, shift_size, rel_pos_bias, s
     mask = attention_masks((T, H, W), g, q.device)
     if mask is not None:
         n_win = nT * nH * nW
-        attn = (attn.view(B, n_win, nh, N, N) + mask.to(attn.dtype)[None, :, None]).view(-1, nh, N, N)
+        attn = (attn.view(B, n_win, nh, N, N) + mask.to(attn.dtype)[None, :, None]).view(B * n_win, nh, N, N)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0:
         attn = F.dropout(attn, p=dropout_p)

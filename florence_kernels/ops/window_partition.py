@@ -102,7 +102,8 @@ def window_partition_reference(x: torch.Tensor, window_size, shift_size) -> torc
     if st or sh or sw:
         x = torch.roll(x, shifts=(-st, -sh, -sw), dims=(1, 2, 3))
     x = x.view(B, Tp // wt, wt, Hp // wh, wh, Wp // ww, ww, C)
-    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wt * wh * ww, C)
+    n_windows = B * (Tp // wt) * (Hp // wh) * (Wp // ww)  # not -1: ambiguous for an empty tensor
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(n_windows, wt * wh * ww, C)
 
 
 def window_reverse_reference(windows: torch.Tensor, window_size, shape, shift_size) -> torch.Tensor:
@@ -161,7 +162,7 @@ def window_partition_torch(x: torch.Tensor, window_size, shift_size) -> torch.Te
     B, T, H, W, C = x.shape
     g = resolve_geometry((T, H, W), window_size, shift_size)
     rows, mask = _partition_rows(B, (T, H, W), g, x.device)
-    out = torch.index_select(x.reshape(-1, C), 0, rows)
+    out = torch.index_select(x.reshape(B * T * H * W, C), 0, rows)
     if mask is not None:
         out.masked_fill_(mask, 0)
     return out.view(B * g.num_windows, g.tokens_per_window, C)
@@ -172,7 +173,7 @@ def window_reverse_torch(windows: torch.Tensor, window_size, shape, shift_size) 
     C = windows.shape[-1]
     g = resolve_geometry((T, H, W), window_size, shift_size)
     rows = _reverse_rows(B, (T, H, W), g, windows.device)
-    return torch.index_select(windows.reshape(-1, C), 0, rows).view(B, T, H, W, C)
+    return torch.index_select(windows.reshape(windows.shape[0] * windows.shape[1], C), 0, rows).view(B, T, H, W, C)
 
 
 # --- triton: one kernel for both directions -----------------------------------------------------------------------

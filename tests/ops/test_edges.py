@@ -31,6 +31,7 @@ class Spec:
 
 
 def _randn(g, *shape, scale=1.0):
+    g = g if g is not None else torch.Generator().manual_seed(0)
     return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
@@ -339,3 +340,37 @@ def test_conv_embed_fp16_convolution_beyond_fp16_range(backend):
     assert torch.nn.functional.conv2d(x, w, padding=1).abs().max() > 65504
     out, grads = run(torch.float16, backend)
     _assert_fp16_matches_float64(f"conv_embed[{backend}] fp16", out, ref, grads[:1], ref_grads[:1])
+
+
+# Zero-size axes other than the batch: an empty output of the right shape and empty gradients, every backend.
+ZERO_SIZE = [
+    ("window_partition", "no channels", lambda: [_randn(None, 2, 3, 5, 7, 0)],
+     lambda t, be: fk.window_partition(t[0], (2, 3, 3), (1, 1, 1), backend=be)),
+    ("window_partition", "no rows", lambda: [_randn(None, 2, 3, 0, 7, 4)],
+     lambda t, be: fk.window_partition(t[0], (2, 3, 3), (1, 1, 1), backend=be)),
+    ("window_attention", "no heads", lambda: [_randn(None, 2, 3, 5, 7, 0, 16) for _ in range(3)],
+     lambda t, be: fk.window_attention(t[0], t[1], t[2], window_size=(2, 3, 3), shift_size=(1, 1, 1), backend=be)),
+    ("window_attention", "no rows", lambda: [_randn(None, 2, 3, 0, 7, 2, 16) for _ in range(3)],
+     lambda t, be: fk.window_attention(t[0], t[1], t[2], window_size=(2, 3, 3), backend=be)),
+    ("modulated_deform_conv2d", "no output channels",
+     lambda: [_randn(None, 1, 4, 5, 5), _randn(None, 1, 18, 5, 5), _randn(None, 0, 4, 3, 3)],
+     lambda t, be: fk.modulated_deform_conv2d(t[0], t[1], None, t[2], padding=1, backend=be)),
+    ("dyrelu", "no channels", lambda: [_randn(None, 2, 0, 5, 5), _randn(None, 2, 0)],
+     lambda t, be: fk.dyrelu(t[0], t[1], backend=be)),
+    ("dyrelu", "no pixels", lambda: [_randn(None, 2, 3, 0, 5), _randn(None, 2, 12)],
+     lambda t, be: fk.dyrelu(t[0], t[1], backend=be)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "op,what,make,call",
+    [pytest.param(*case, id=f"{case[0]}-{case[1]}") for case in ZERO_SIZE],
+)
+def test_zero_size_axes(op, what, make, call):
+    for be in runnable_backends(op, "cpu"):
+        leaves = [t.float().requires_grad_() for t in make()]
+        out = call(leaves, be)
+        assert out.numel() == 0, f"{op}[{be}] {what}: output {tuple(out.shape)}"
+        out.sum().backward()
+        for i, t in enumerate(leaves):
+            assert t.grad is None or (t.grad.shape == t.shape and torch.count_nonzero(t.grad) == 0), (op, be, i)
