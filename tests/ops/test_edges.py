@@ -175,16 +175,19 @@ def test_empty_batch(spec, backend):
             assert torch.count_nonzero(grad) == 0, f"leaf {i}: parameters of an empty batch get a zero gradient"
 
 
-def _non_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """The same values in another memory layout: the last two axes stored transposed, or a stride-2 view of a
-    1-D tensor (0-dim tensors as they are)."""
+def _layouts(t: torch.Tensor) -> dict:
+    """The same values in other memory layouts: the last two axes stored transposed, every axis reversed in memory
+    (channels-last for images), and a stride-2 view into a larger buffer. 0-dim tensors have none."""
+    if t.dim() == 0:
+        return {}
+    out = {}
     if t.dim() >= 2:
-        out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    elif t.dim() == 1:
-        out = torch.stack((t, torch.full_like(t, float("nan"))), 1)[:, 0]
-    else:
-        return t
-    assert torch.equal(out, t) and (not out.is_contiguous() or t.numel() <= 1)
+        out["transposed"] = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        rev = tuple(range(t.dim() - 1, -1, -1))
+        out["reversed"] = t.permute(rev).contiguous().permute(rev)
+    out["strided"] = torch.stack((t, torch.full_like(t, float("nan"))), -1)[..., 0]
+    for name, v in out.items():
+        assert torch.equal(v, t) and (not v.is_contiguous() or t.numel() <= 1), name
     return out
 
 
@@ -194,17 +197,18 @@ def test_non_contiguous_inputs(spec, backend):
     leaves = [t.to(dt) for t in spec.make(2, torch.Generator().manual_seed(1))]
     want_out, want_grads = _run(spec, leaves, backend, dt)
     for i in range(len(leaves)):
-        if leaves[i].dim() == 0:
-            continue
-        moved = list(leaves)
-        moved[i] = _non_contiguous(leaves[i])
-        moved = [t.detach().requires_grad_() for t in moved]
-        out = spec.call(moved, backend)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dt))
-        torch.testing.assert_close(out, want_out, msg=f"{spec.op}[{backend}] output, leaf {i} non-contiguous")
-        for j, (a, b) in enumerate(zip([t.grad for t in moved], want_grads, strict=True)):
-            if b is not None:
-                torch.testing.assert_close(a, b, msg=f"{spec.op}[{backend}] grad {j}, leaf {i} non-contiguous")
+        for layout, value in _layouts(leaves[i]).items():
+            moved = list(leaves)
+            moved[i] = value
+            moved = [t.detach().requires_grad_() for t in moved]
+            out = spec.call(moved, backend)
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dt)
+            out.backward(g)
+            what = f"{spec.op}[{backend}] leaf {i} {layout}"
+            torch.testing.assert_close(out, want_out, msg=f"{what}: output")
+            for j, (a, b) in enumerate(zip([t.grad for t in moved], want_grads, strict=True)):
+                if b is not None:
+                    torch.testing.assert_close(a, b, msg=f"{what}: grad {j}")
 
 
 def _fp64_cases():
