@@ -36,12 +36,6 @@ try:
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of the portable path: float64 for float64 features, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --- reference: the formula as written ------------------------------------------------------------------------------
 
 
@@ -64,11 +58,9 @@ def contrastive_loss_reference(u, v, logit_scale, labels=None, rows: slice | Non
 
 def positive_term(u_rows, v_rows, u_all, v_all, logit_scale, labels_rows, labels_all):
     """1/(2 M) sum over the M given rows of (mean positive logit of row i in s) + (mean positive logit of column i),
-    positives taken among all samples (u_all, v_all, labels_all). fp32 (fp64 for fp64 features); autograd through
-    every argument."""
+    positives taken among all samples (u_all, v_all, labels_all). fp32 (fp64 inputs: fp64); autograd through all."""
     M = u_rows.shape[0]
-    ct = acc_dtype(u_rows.dtype)
-    u_rows, v_rows, u_all, v_all = (t.to(ct) for t in (u_rows, v_rows, u_all, v_all))
+    u_rows, v_rows, u_all, v_all = (t.to(acc_dtype(u_rows.dtype)) for t in (u_rows, v_rows, u_all, v_all))
     if labels_all is None:  # CLIP: each sample is its own only positive
         return logit_scale * (u_rows * v_rows).sum() / M
     classes, inv_all = torch.unique(labels_all, return_inverse=True)
@@ -93,12 +85,10 @@ def _tiles(n: int, tile: int):
 
 
 def lse_pair_torch_fwd(a, b, scale, need_cols: bool = True, tile: int | None = None):
-    """Row and column log-sum-exp of s = scale * a b^T ((M,) and (N,) in fp32, fp64 for fp64 inputs; columns empty
-    unless need_cols)."""
+    """Row and column log-sum-exp of s = scale * a b^T ((M,), (N,) in acc_dtype; columns empty unless need_cols)."""
     M, N = a.shape[0], b.shape[0]
     tile = tile or TORCH_TILE
-    ct = acc_dtype(a.dtype)
-    t = scale.to(ct)  # 0-dim tensor: no device sync
+    t = scale.to(ct := acc_dtype(a.dtype))  # 0-dim tensor: no device sync
     r = a.new_empty(M, dtype=ct)
     col_m = a.new_full((N,), float("-inf"), dtype=ct)
     col_l = a.new_zeros(N, dtype=ct)
@@ -122,11 +112,10 @@ def lse_pair_torch_fwd(a, b, scale, need_cols: bool = True, tile: int | None = N
 
 
 def lse_pair_torch_bwd(a, b, scale, r, c, grad_r, grad_c, tile: int | None = None):
-    """Gradients of sum(grad_r * r) + sum(grad_c * c) with respect to a, b and the scale (fp32; fp64 inputs: fp64)."""
+    """Gradients of sum(grad_r * r) + sum(grad_c * c) with respect to a, b and the scale (in acc_dtype)."""
     M, N = a.shape[0], b.shape[0]
     tile = tile or TORCH_TILE
-    ct = acc_dtype(a.dtype)
-    t = scale.to(ct)  # 0-dim tensor: no device sync
+    t = scale.to(ct := acc_dtype(a.dtype))  # 0-dim tensor: no device sync
     da = torch.zeros(M, a.shape[1], device=a.device, dtype=ct)
     db = torch.zeros(N, b.shape[1], device=a.device, dtype=ct)
     g_s = torch.zeros((), device=a.device, dtype=ct)  # sum_ij G_ij s_ij
@@ -278,6 +267,12 @@ def lse_pair_triton_bwd(a, b, scale, r, c, grad_r, grad_c):
 
 
 # --- custom ops with autograd ---------------------------------------------------------------------------------------
+# (Helpers of the portable path defined here, below the kernels: Triton's cache key holds each kernel's first line.)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the portable path: float64 for float64 features, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _lse_fwd_impl(a, b, scale, need_cols, backend):

@@ -107,18 +107,7 @@ def _out_rows(x, weight, stride, padding, layout):
     return rows
 
 
-# fp16/bf16 on the CPU: convolution and LayerNorm in fp32, one rounding at the end. The convolution's output is an
-# intermediate that LayerNorm brings back to O(1): in fp16 it can overflow (> 65,504) where the op's output fits, as the
-# Triton kernel's fp32 accumulator never does; and oneDNN's 16-bit convolution is the slower one here (5x at CoSwin-T's
-# first merge, 8 x 96 x 56 x 56, on the 2-core development VM). On CUDA the convolution stays in the input's dtype
-# (cuDNN accumulates in fp32 but writes fp16: an output beyond fp16's range still overflows there; Triton does not).
-
-
 def conv_embed_torch(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, layout):
-    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-        with torch.autocast("cpu", enabled=False):
-            args = [t.float() if t is not None else None for t in (x, weight, bias, norm_weight, norm_bias)]
-            return conv_embed_torch(*args, stride, padding, eps, layout).to(x.dtype)
     spatial = weight.dim() - 2
     if x.device.type == "cpu" and _out_rows(x, weight, stride, padding, layout) < CPU_CHANNELS_LAST_MIN_ROWS:
         xc = (_to_channels_first_view(x) if layout == "channels_last" else x).contiguous()
@@ -267,6 +256,20 @@ def conv_embed_triton_bwd(grad, x, weight, norm_weight, xhat, rstd, stride, padd
     return dx, dw, db, d_nw, d_nb
 
 
+# --- torch path, fp16/bf16 on the CPU (below the kernels: Triton's cache key holds each kernel's first line) ---------
+# Convolution and LayerNorm in fp32, one rounding at the end. The convolution's output is an intermediate that
+# LayerNorm brings back to O(1): in fp16 it can overflow (> 65,504) where the op's output fits, as the Triton kernel's
+# fp32 accumulator never does; and oneDNN's 16-bit convolution is the slower one here (5x at CoSwin-T's first merge,
+# 8 x 96 x 56 x 56, on the 2-core development VM). On CUDA the convolution stays in the input's dtype (cuDNN
+# accumulates in fp32 but writes fp16: an output beyond fp16's range still overflows there; Triton does not).
+
+
+def conv_embed_torch_cpu_16bit(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, layout):
+    with torch.autocast("cpu", enabled=False):
+        args = [t.float() if t is not None else None for t in (x, weight, bias, norm_weight, norm_bias)]
+        return conv_embed_torch(*args, stride, padding, eps, layout).to(x.dtype)
+
+
 # --- custom op with autograd (triton) -------------------------------------------------------------------------------
 
 
@@ -402,6 +405,8 @@ def conv_embed(
         args = (x, weight, bias, norm_weight, norm_bias, list(stride), list(padding), float(eps), layout)
         return _conv_embed_triton_op(*args)[0]
     impl = conv_embed_reference if name == "reference" else conv_embed_torch
+    if name == "torch" and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        impl = conv_embed_torch_cpu_16bit
     return impl(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, layout)
 
 

@@ -19,8 +19,6 @@ the public functions.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -48,10 +46,6 @@ def dyrelu_reference(x, coefficients):
     y = coefficients.reshape(x.shape[0], 4, C, *([1] * (x.dim() - 2))) - 0.5
     a1, b1, a2, b2 = y.unbind(1)
     return torch.max(x * (a1 * 2.0 + 1.0) + b1, x * (a2 * 2.0) + b2)
-
-
-# The mean over the terms is taken as a sum of terms weighted by pi / n (not the sum divided by n, as mmdetection
-# writes it): in fp16 three terms near 30,000 overflow in the sum while their mean fits. Every path does the same.
 
 
 def scale_aware_reference(terms, weight, bias):
@@ -83,11 +77,9 @@ def dyrelu_torch(x, coefficients):
 
 def scale_aware_torch(terms, weight, bias):
     """One reduction per term for the weights (in fp32 at least), then one fused multiply-accumulate pass per term."""
-    acc = torch.promote_types(terms[0].dtype, torch.float32)
-    out = None
+    acc, out = torch.promote_types(terms[0].dtype, torch.float32), None
     for t in terms:
-        pooled = t.mean(dim=(2, 3), dtype=acc)
-        pi = hard_sigmoid(F.relu(pooled @ weight.reshape(-1, 1).to(acc) + bias.to(acc)))  # (B, 1)
+        pi = hard_sigmoid(F.relu(t.mean(dim=(2, 3), dtype=acc) @ weight.reshape(-1, 1).to(acc) + bias.to(acc)))
         pi = (pi / len(terms)).view(-1, 1, 1, 1).to(t.dtype)
         out = t * pi if out is None else torch.addcmul(out, t, pi)
     return out
@@ -180,7 +172,7 @@ def dyrelu_triton_fwd(x, coefficients):
     B, C = x.shape[:2]
     xc, y = x.contiguous(), coefficients.reshape(B, 4 * C).contiguous()
     out = torch.empty_like(xc)
-    _dyrelu_fwd_kernel[(B * C,)](xc, y, out, C, math.prod(x.shape[2:]), BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
+    _dyrelu_fwd_kernel[(B * C,)](xc, y, out, C, x.shape[2:].numel(), BLOCK=TRITON_BLOCK, num_warps=TRITON_NUM_WARPS)
     return out
 
 
@@ -189,7 +181,7 @@ def dyrelu_triton_bwd(grad, x, coefficients):
     xc, y, g = x.contiguous(), coefficients.reshape(B, 4 * C).contiguous(), grad.contiguous()
     dx = torch.empty_like(xc)
     dy = torch.empty((B, 4 * C), device=x.device, dtype=torch.float32)
-    _dyrelu_bwd_kernel[(B * C,)](xc, y, g, dx, dy, C, math.prod(x.shape[2:]), BLOCK=TRITON_BLOCK,
+    _dyrelu_bwd_kernel[(B * C,)](xc, y, g, dx, dy, C, x.shape[2:].numel(), BLOCK=TRITON_BLOCK,
                                  num_warps=TRITON_NUM_WARPS)  # fmt: skip
     return dx, dy.to(coefficients.dtype).reshape(coefficients.shape)
 
@@ -376,6 +368,9 @@ class _ScaleTaskTriton(torch.autograd.Function):
 
 
 # --- registry -------------------------------------------------------------------------------------------------------
+# (Notes on the paths above, kept below the kernels: Triton's cache key holds each kernel's first line.) The mean over
+# a level's terms is taken as a sum of terms weighted by pi / n, not the sum divided by n as mmdetection writes it: in
+# fp16 three terms near 30,000 overflow in the sum while their mean fits. Every path does the same.
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 

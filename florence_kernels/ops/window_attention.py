@@ -157,9 +157,7 @@ def attention_core_torch(qw, kw, vw, attn_bias, scale, dropout_p=0.0):
     """qw, kw, vw (B, nW, nh, N, hd); attn_bias broadcastable to (B, nW, nh, N, N). Returns (B, nW, nh, N, hd)."""
     if qw.is_cuda:
         return F.scaled_dot_product_attention(qw, kw, vw, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
-    # q scaled before the product, as Swin does: in fp16, q k^T can exceed 65,504 where scale q k^T fits (q, k ~ 48,
-    # head_dim 32: 75,000 vs 13,000). Also the smaller pass: N hd elements instead of N^2.
-    attn = torch.matmul(qw * scale, kw.transpose(-2, -1))
+    attn = torch.matmul(qw * scale, kw.transpose(-2, -1))  # q scaled first: in fp16 q k^T may overflow (notes below)
     if attn_bias is not None:
         attn.add_(attn_bias)  # in place: matmul's backward needs its inputs, not this output
     attn = attn.softmax(dim=-1)
@@ -503,6 +501,10 @@ def window_attention_triton_bwd(do, q, k, v, o, lse, window_size, shift_size, re
 
 
 # --- custom op with autograd (triton) -------------------------------------------------------------------------------
+# (A note on attention_core_torch, kept below the kernels: Triton's cache key holds each kernel's first line, and
+# the window-attention kernels take the longest to compile. q is scaled before the product, as Swin does: in fp16,
+# q k^T can exceed 65,504 where scale q k^T fits (q, k ~ 48, head_dim 32: 75,000 vs 13,000); it is also the smaller
+# pass, N hd elements instead of N^2.)
 
 
 @torch.library.custom_op("florence_kernels::window_attention_triton_fwd", mutates_args=())

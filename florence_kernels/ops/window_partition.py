@@ -102,8 +102,7 @@ def window_partition_reference(x: torch.Tensor, window_size, shift_size) -> torc
     if st or sh or sw:
         x = torch.roll(x, shifts=(-st, -sh, -sw), dims=(1, 2, 3))
     x = x.view(B, Tp // wt, wt, Hp // wh, wh, Wp // ww, ww, C)
-    n_windows = B * (Tp // wt) * (Hp // wh) * (Wp // ww)  # not -1: ambiguous for an empty tensor
-    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(n_windows, wt * wh * ww, C)
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(B * (Tp // wt) * (Hp // wh) * (Wp // ww), wt * wh * ww, C)
 
 
 def window_reverse_reference(windows: torch.Tensor, window_size, shape, shift_size) -> torch.Tensor:
