@@ -197,27 +197,18 @@ def _torch_plan(inp, offset, weight, stride, padding, dilation, G, ct):
     return _Bilinear(y.reshape(B, G, KP), x.reshape(B, G, KP), H, W)
 
 
-def _torch_columns(inp, offset, mask, weight, stride, padding, dilation, G, ct):
-    """(plan, bordered input, values (B, G, C_in / G, K P), columns (B, groups, C_in / groups K, P))."""
+def deform_conv_torch_fwd(inp, offset, mask, weight, bias, stride, padding, dilation, G):
     B, C_in = inp.shape[:2]
     C_out, cpg, kh, kw = weight.shape
-    K = kh * kw
-    P = offset.shape[-2] * offset.shape[-1]
-    plan = _torch_plan(inp, offset, weight, stride, padding, dilation, G, ct)
-    src = _bordered(inp, G, ct)
-    values = plan.sample(src)
-    cols = values if mask is None else values * mask.to(ct).reshape(B, G, 1, K * P)
-    return plan, src, values, cols.reshape(B, C_in // cpg, cpg * K, P)
-
-
-def deform_conv_torch_fwd(inp, offset, mask, weight, bias, stride, padding, dilation, G):
-    B = inp.shape[0]
-    C_out, cpg = weight.shape[:2]
     H_out, W_out = offset.shape[-2:]
+    K, P, groups = kh * kw, H_out * W_out, C_in // cpg
     ct = compute_dtype(inp.dtype)
-    cols = _torch_columns(inp, offset, mask, weight, stride, padding, dilation, G, ct)[3]
-    groups = cols.shape[1]
-    w = weight.to(ct).reshape(1, groups, C_out // groups, cpg * weight.shape[2] * weight.shape[3])
+    plan = _torch_plan(inp, offset, weight, stride, padding, dilation, G, ct)
+    cols = plan.sample(_bordered(inp, G, ct))  # (B, G, C_in / G, K P), masked in place: one column-sized buffer
+    if mask is not None:
+        cols.mul_(mask.to(ct).reshape(B, G, 1, K * P))
+    cols = cols.reshape(B, groups, cpg * K, P)
+    w = weight.to(ct).reshape(1, groups, C_out // groups, cpg * K)
     out = torch.matmul(w, cols).reshape(B, C_out, H_out, W_out)
     if bias is not None:
         out = out + bias.to(ct).view(1, -1, 1, 1)
