@@ -8,6 +8,10 @@ FLORENCE_TRITON_INTERPRET=1    run Triton kernels on CPU tensors under Triton's 
                                of Triton's own language library (tl.cdiv, tl.sigmoid, ...), decorated at that import
                                as compiled functions, are switched to interpreted ones here; where that cannot be
                                done, the import fails saying what to do.
+                               Triton < 3.7's interpreter converts a loop bound to int with ``int(array)``, which
+                               numpy >= 2.4 refuses for a 1-element array ("only 0-dimensional arrays can be
+                               converted to Python scalars": every ``for i in range(0, n)`` over a runtime ``n``);
+                               ``_fix_interpreter_scalar_index`` mends it in every process that imports us.
 """
 
 import os
@@ -40,10 +44,45 @@ def _interpret_loaded_triton() -> int:
     return len(switched)
 
 
+def _numpy_refuses_1d_int() -> bool:
+    import numpy as np
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+    except TypeError:
+        return True
+    return False
+
+
+def _fix_interpreter_scalar_index() -> bool:
+    """Make the interpreter's ``tensor.__index__`` take the one element of a scalar's 1-element array (Triton 3.7+'s
+    ``int(data.squeeze())``) where numpy refuses ``int()`` of it. Returns whether the interpreter was patched (False:
+    no Triton interpreter, or a numpy that still converts). Idempotent."""
+    if not _numpy_refuses_1d_int():
+        return False
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_florence_fixed", False):
+        return original is not None
+
+    def _patch_lang_tensor(tensor, scope, *args, **kwargs):
+        original(tensor, scope, *args, **kwargs)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._florence_fixed = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+    return True
+
+
 if TRITON_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
     if "triton" in sys.modules:
         _interpret_loaded_triton()
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _fix_interpreter_scalar_index()
 
 
 def forced_backend() -> str | None:

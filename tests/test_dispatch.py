@@ -106,3 +106,63 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"FLORENCE_TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+_LOOP_KERNEL = """
+import florence_kernels  # noqa: F401  (mends the interpreter where the installed Triton needs it)
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_sum(x_ptr, out_ptr, n):
+    acc = tl.zeros((1,), tl.float32)
+    for i in range(0, n):  # a runtime bound: Triton < 3.7's interpreter took int() of a 1-element array here
+        acc += tl.load(x_ptr + i + tl.arange(0, 1))
+    tl.store(out_ptr + tl.arange(0, 1), acc)
+
+
+def run(n):
+    x, out = torch.arange(1.0, n + 1), torch.zeros(1)
+    row_sum[(1,)](x, out, n)
+    return float(out[0])
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is for machines without a GPU")
+@pytest.mark.parametrize("how", ["process", "spawned"])
+def test_interpreter_runs_loops_over_runtime_bounds(how, tmp_path):
+    """Triton 3.6's interpreter with numpy >= 2.4 failed at every loop over a runtime bound ('only 0-dimensional
+    arrays can be converted to Python scalars'); importing florence_kernels mends it, also in processes spawned by
+    multiprocessing (which import the kernel's module afresh)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "loop_kernel.py").write_text(_LOOP_KERNEL)
+    code = "import loop_kernel; print(loop_kernel.run(5))"
+    if how == "spawned":
+        code = ("import multiprocessing as mp, loop_kernel\nif __name__ == '__main__':\n"
+                "    with mp.get_context('spawn').Pool(1) as p: print(p.apply(loop_kernel.run, (5,)))")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "FLORENCE_TRITON_INTERPRET"} | {"TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    script = tmp_path / "main.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("15.0"), proc.stderr[-3000:]
+
+
+def test_interpreter_fix_applies_only_where_numpy_refuses():
+    from florence_kernels import _env
+
+    if not _env._numpy_refuses_1d_int():
+        assert _env._fix_interpreter_scalar_index() is False
+        return
+    pytest.importorskip("triton")
+    from triton.runtime import interpreter
+
+    assert _env._fix_interpreter_scalar_index() is True  # idempotent: a second call keeps one wrapper
+    assert interpreter._patch_lang_tensor._florence_fixed
