@@ -21,6 +21,7 @@ import florence
 import florence_kernels as fk
 from benchmarks.harness import Case, Provider, main_for
 from florence.models.text import flash_attn_unavailable
+from florence.optional import missing
 
 NAME = "model"
 CAPTIONS = ["a photo of the digit {}", "a handwritten {}", "the number {} written by hand", "a scan of a {}"]
@@ -48,15 +49,10 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
 
 def _tokens(texts, ctx):
     """CLIP BPE ids; where open_clip (the vocabulary) is not installed, as on a bare GPU machine, ids of the same
-    shape: start, 8 random ids, end, padding (the step's cost does not depend on which ids)."""
-    try:
-        return florence.tokenize(texts, ctx)
-    except ImportError:
-        g = torch.Generator().manual_seed(1)
-        tok = torch.zeros(len(texts), ctx, dtype=torch.long)
-        tok[:, 0], tok[:, 9] = 49406, 49407
-        tok[:, 1:9] = torch.randint(256, 49000, (len(texts), 8), generator=g)
-        return tok
+    shape (florence.random_token_ids: the step's cost does not depend on which ids)."""
+    if missing("open_clip"):
+        return florence.random_token_ids(len(texts), ctx, length=8, seed=1)
+    return florence.tokenize(texts, ctx)
 
 
 @functools.cache

@@ -22,6 +22,8 @@ import tempfile
 
 from benchmarks import harness
 
+REQUIRES = ("deepspeed", "open_clip")  # florence.train's engine; its data is curated and tokenized
+
 NAME = "train"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = [  # (provider, zero stage, gradient cache chunk per rank (0: off), activation checkpointing)
@@ -88,8 +90,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_arguments(p)
     args = harness.finish_args(p.parse_args(argv))
-    rows = run(args)
     import benchmarks.bench_train as mod
+
+    reason = harness.missing_requirement(mod)
+    if reason is not None:
+        print(f"benchmarks.bench_train: skipped: {reason}")
+        return 0
+    rows = run(args)
 
     print(", ".join(harness.save_all(rows, args.out, mod)), file=sys.stderr)
     print(harness.format_table(rows))

@@ -19,6 +19,7 @@ import argparse
 import csv
 import datetime as _dt
 import gc
+import importlib
 import io
 import json
 import os
@@ -499,10 +500,22 @@ def finish_args(args):
     return args
 
 
+def missing_requirement(mod) -> str | None:
+    """Why the bench module ``mod`` cannot run here: the first of its ``REQUIRES`` (optional packages, see
+    ``florence.optional``) that is missing, else None."""
+    from florence.optional import missing
+
+    return next(filter(None, map(missing, getattr(mod, "REQUIRES", ()))), None)
+
+
 def main_for(bench_module: str, argv=None) -> int:
     parser = argparse.ArgumentParser(description=f"benchmark {bench_module}")
     add_arguments(parser)
     args = finish_args(parser.parse_args(argv))
+    reason = missing_requirement(importlib.import_module(bench_module))
+    if reason is not None:
+        print(f"{bench_module}: skipped: {reason}")
+        return 0
     rows = run(bench_module, args)
     print(format_table(rows))
     mod = sys.modules[bench_module]

@@ -16,6 +16,7 @@ _EXPORTS = {
     "Tokenizer": "florence.tokenizer",
     "get_tokenizer": "florence.tokenizer",
     "tokenize": "florence.tokenizer",
+    "random_token_ids": "florence.tokenizer",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -21,13 +21,18 @@ VOCAB_SIZE = 49408
 
 
 class Tokenizer:
-    """Callable: a string or a list of strings -> (N, context_length) int64 token ids."""
+    """Callable: a string or a list of strings -> (N, context_length) int64 token ids.
+
+    Needs open_clip (``florence.optional``: why we use its tokenizer); without it raises
+    ``florence.optional.MissingOptionalDependency`` (an ImportError) naming the install command.
+    """
 
     def __init__(self, context_length: int = CONTEXT_LENGTH):
-        from open_clip.tokenizer import SimpleTokenizer
+        from florence.optional import require
 
         if not isinstance(context_length, int) or context_length < 3:
             raise ValueError(f"context_length: expected an int >= 3, got {context_length!r}")
+        SimpleTokenizer = require("open_clip", "florence.Tokenizer").tokenizer.SimpleTokenizer
         self._tok = SimpleTokenizer(context_length=context_length)
         self.context_length = context_length
         self.vocab_size = self._tok.vocab_size
@@ -102,3 +107,17 @@ def get_tokenizer(name: str | int | None = None, context_length: int | None = No
 def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
     """(N, context_length) token ids of ``texts``; for a model's context use ``get_tokenizer(model_name)(texts)``."""
     return get_tokenizer(context_length=context_length)(texts)
+
+
+def random_token_ids(n: int, context_length: int = CONTEXT_LENGTH, length: int = 8, seed: int = 0) -> torch.Tensor:
+    """(n, context_length) int64 ids laid out as the tokenizer lays them out: start-of-text (49406), ``length``
+    ids drawn from the BPE range [256, 49000), end-of-text (49407), zero padding. For benchmarks and tests that need
+    token ids but not a text's (a text tower's cost and shapes do not depend on which ids); needs no open_clip.
+    ValueError when ``length + 2`` exceeds ``context_length``."""
+    if not isinstance(context_length, int) or length < 0 or length + 2 > context_length:
+        raise ValueError(f"length: {length} ids + start + end must fit context_length {context_length!r}")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(n, context_length, dtype=torch.long)
+    ids[:, 0], ids[:, length + 1] = 49406, 49407
+    ids[:, 1 : length + 1] = torch.randint(256, 49000, (n, length), generator=g)
+    return ids

@@ -111,7 +111,9 @@ def init_distributed(device: str) -> tuple[int, int]:
     plain ``python -m florence.train`` is a group of one. (rank, world_size)."""
     import socket
 
-    import deepspeed
+    from florence.optional import require
+
+    deepspeed = require("deepspeed", "florence.train")
 
     if "WORLD_SIZE" not in os.environ:
         with socket.socket() as s:
@@ -159,7 +161,9 @@ def lr_lambda(cfg):
 
 
 def build_engine(cfg, model, world, device):
-    import deepspeed
+    from florence.optional import require
+
+    deepspeed = require("deepspeed", "florence.train")
 
     per_rank = cfg["batch_size"] // world
     chunk = cfg["chunk_size"] or per_rank
@@ -534,6 +538,14 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optimizer.lr=1e-3")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
+    from florence.optional import MissingOptionalDependency, require
+
+    try:  # before any process group or data: a missing package is one line, not a traceback per rank
+        require("deepspeed", "florence.train")
+        require("open_clip", "florence.train (its loaders tokenize the captions)")
+    except MissingOptionalDependency as e:
+        print(f"florence.train: {e}", file=sys.stderr)
+        return 2
     final = run(cfg)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:

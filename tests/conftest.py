@@ -38,3 +38,12 @@ def runnable_backends(op_name: str, device: str) -> list[str]:
 
     op = fk.OPS[op_name]
     return [b for b, backend in op.backends.items() if not backend.environment_reasons(device)]
+
+
+def requires(name: str):
+    """Skip marker for a test that needs the optional package ``name`` (florence.optional: "open_clip",
+    "deepspeed", "dali"), with the reason, install command included, where it is missing."""
+    from florence.optional import missing
+
+    reason = missing(name)
+    return pytest.mark.skipif(reason is not None, reason=f"optional package missing: {reason}")

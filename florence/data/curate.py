@@ -576,8 +576,10 @@ def _shard_done(out_dir, shard_idx, samples) -> bool:
 
 
 def curate(args) -> dict:
+    from florence.optional import require
     from florence.tokenizer import get_tokenizer
 
+    require("open_clip", "florence.data.curate (it counts CLIP BPE tokens to fit captions into the text context)")
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     for name in os.listdir(args.out):  # temporary files of a killed run (atomic_write's): never outputs
@@ -715,7 +717,13 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
     if not 0 <= args.near_dup_threshold < 64 and args.near_dup_threshold != -1:
         p.error(f"--near-dup-threshold: expected -1 (off) or 0..63, got {args.near_dup_threshold}")
-    stats = curate(args)
+    from florence.optional import MissingOptionalDependency
+
+    try:
+        stats = curate(args)
+    except MissingOptionalDependency as e:
+        print(f"florence.data.curate: {e}", file=sys.stderr)
+        return 2
     if not args.quiet:
         print(summary_text(stats), end="")
     print(json.dumps({"stats": os.path.join(args.out, "stats.json"), "images": stats["images"],

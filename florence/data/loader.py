@@ -223,6 +223,9 @@ class DaliLoader(_Loader):
 
     def __init__(self, data_dir, batch_size, image_size, rank=0, world_size=1, seed=0, train=True, dtype=torch.float32,
                  context_length=77, use_augmented=True, drop_last=False, num_threads=None, device_id=None):  # fmt: skip
+        from florence.optional import require
+
+        require("dali", "DaliLoader")
         super().__init__(batch_size, context_length, dtype, drop_last)
         manifest = load_manifest(data_dir)
         self.paths = [os.path.join(data_dir, s["path"]) for s in manifest["shards"]]
@@ -294,12 +297,10 @@ class DaliLoader(_Loader):
 
 
 def dali_available() -> str | None:
-    """None when DALI can be imported, else why not."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except Exception as e:  # ImportError, or a CUDA library problem at import
-        return f"NVIDIA DALI is not importable ({type(e).__name__}: {e}); pip install nvidia-dali-cuda130"
-    return None
+    """None when DALI can be imported, else why not (``florence.optional.missing("dali")``)."""
+    from florence.optional import missing
+
+    return missing("dali")
 
 
 def make_loader(data_dir: str, batch_size: int, image_size: int, *, backend: str = "auto", **kwargs):
