@@ -112,8 +112,13 @@ def test_cpu_timing_interleaves_providers_and_drops_a_failing_one(capsys):
 
 
 def test_a_bench_that_cannot_run_does_not_stop_the_others(monkeypatch, tmp_path, capsys):
-    """On a bare GPU machine a bench whose package is missing is reported and skipped; the rest still run."""
+    """A bench that fails (here: its module does not import) is reported as FAILED and sets the exit status; one that
+    raises MissingOptionalDependency (a package the GPU machine lacks) is a skip, not a failure; the rest still run
+    and benchmarks_status.json says which is which."""
+    import json
+
     import benchmarks.__main__ as cli
+    from florence.optional import MissingOptionalDependency
 
     fake = types.ModuleType("benchmarks.bench_fake_ok")
     fake.NAME = "fake_ok"
@@ -121,8 +126,23 @@ def test_a_bench_that_cannot_run_does_not_stop_the_others(monkeypatch, tmp_path,
                               "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "dtype": "fp32", "device_name": "cpu",
                               "torch": torch.__version__, "triton": None, "commit": "x"}]  # fmt: skip
     monkeypatch.setitem(sys.modules, "benchmarks.bench_fake_ok", fake)
-    monkeypatch.setattr(cli, "bench_modules", lambda: ["benchmarks.bench_missing_package", "benchmarks.bench_fake_ok"])
+    needs = types.ModuleType("benchmarks.bench_fake_needs")
+    needs.NAME = "fake_needs"
+
+    def run(args):
+        raise MissingOptionalDependency("bench_fake_needs: deepspeed is not importable")
+
+    needs.run = run
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_fake_needs", needs)
+    names = ["benchmarks.bench_missing_package", "benchmarks.bench_fake_needs", "benchmarks.bench_fake_ok"]
+    monkeypatch.setattr(cli, "bench_modules", lambda: names)
     status = cli.main(["--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert status == 1 and "benchmarks.bench_missing_package: failed, skipped: ModuleNotFoundError" in err
+    assert status == 1 and "benchmarks.bench_missing_package: FAILED: ModuleNotFoundError" in err
+    assert "benchmarks.bench_fake_needs: skipped: bench_fake_needs: deepspeed is not importable" in err
     assert (tmp_path / "fake_ok.jsonl").exists()
+    report = json.loads((tmp_path / "benchmarks_status.json").read_text())
+    assert report["ran"] == ["fake_ok"] and list(report["skipped"]) == ["fake_needs"]
+    assert list(report["failed"]) == ["missing_package"]
+    monkeypatch.setattr(cli, "bench_modules", lambda: names[1:2])
+    assert cli.main(["--out", str(tmp_path)]) == 0  # only a skip: not a failure

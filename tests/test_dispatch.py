@@ -147,7 +147,8 @@ def test_interpreter_runs_loops_over_runtime_bounds(how, tmp_path):
         code = ("import multiprocessing as mp, loop_kernel\nif __name__ == '__main__':\n"
                 "    with mp.get_context('spawn').Pool(1) as p: print(p.apply(loop_kernel.run, (5,)))")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "FLORENCE_TRITON_INTERPRET"} | {"TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # florence_kernels, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), root, env.get("PYTHONPATH", "")])
     script = tmp_path / "main.py"
     script.write_text(code)
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,

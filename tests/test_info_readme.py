@@ -8,6 +8,7 @@ import sys
 import torch
 
 from florence_kernels.info import format_info, gather_info, markdown_table
+from tests.conftest import requires
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +51,7 @@ def test_info_cli_runs():
         assert "window_partition" in proc.stdout
 
 
+@requires("open_clip")
 def test_readme_usage_examples_run(tmp_path, monkeypatch):
     """Every ```python block of the README, in a scratch folder (the model example writes a checkpoint)."""
     readme = open(os.path.join(ROOT, "README.md")).read()

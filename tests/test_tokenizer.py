@@ -7,6 +7,9 @@ import torch
 
 import florence
 from florence.models import get_config, list_models
+from tests.conftest import requires
+
+pytestmark = requires("open_clip")  # the tokenizer
 
 TEXTS = ["a photo of a cat", "two dogs playing in the snow " * 20]  # the second longer than any context
 

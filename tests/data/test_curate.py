@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from florence.data import curate
+from tests.conftest import requires
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,6 +87,7 @@ def _samples(out):
     return manifest, metas
 
 
+@requires("open_clip")
 def test_counts_labels_and_augmentation_are_exact(tmp_path):
     jsonl = build_messy_dataset(tmp_path)
     assert _run(jsonl, tmp_path / "out") == 0
@@ -131,6 +133,7 @@ def test_counts_labels_and_augmentation_are_exact(tmp_path):
         assert os.path.getsize(tmp_path / "out" / f) > 0
 
 
+@requires("open_clip")
 def test_folder_and_csv_inputs(tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -144,6 +147,7 @@ def test_folder_and_csv_inputs(tmp_path):
     assert (stats["images"], stats["pairs"], stats["removed"]["empty_caption"]) == (2, 4, 1)
 
 
+@requires("open_clip")
 def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     jsonl = build_messy_dataset(tmp_path)
     full = tmp_path / "full"
@@ -170,6 +174,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+@requires("open_clip")
 def test_builtin_digits_through_curation(tmp_path):
     from florence.data import builtin
 
@@ -215,6 +220,7 @@ def _count():
     return lambda text: len(tok.encode(text))
 
 
+@requires("open_clip")
 def test_fit_tokens_cuts_inside_a_word_when_no_word_boundary_fits():
     count = _count()
     assert count(URL) == 646 and count(LONG_WORD + " is a word") == 97
@@ -241,6 +247,7 @@ def _prompt_inner(text):
             yield p, text[len(pre) : len(text) - len(post)]
 
 
+@requires("open_clip")
 def test_every_stored_caption_fits_the_token_limit(tmp_path):
     for i in range(4):
         _noise_image(str(tmp_path / f"{i}.jpg"), 200 + i)
@@ -270,6 +277,7 @@ def test_every_stored_caption_fits_the_token_limit(tmp_path):
     assert stats["tokens"] == sum(count(c) for m in metas for c in m["captions"])
 
 
+@requires("open_clip")
 def test_a_prompt_that_cannot_fit_leaves_the_caption_bare(tmp_path):
     _noise_image(str(tmp_path / "0.jpg"), 300)
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "0.jpg", "caption": "cat"}) + "\n")
@@ -288,6 +296,7 @@ def _locale_env(**extra):
     return dict(env, PYTHONPATH=ROOT, **extra)
 
 
+@requires("open_clip")
 def test_outputs_do_not_depend_on_the_locale(tmp_path):
     inputs = tmp_path / "inputs"
     folder = inputs / "dossier_é"

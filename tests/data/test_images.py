@@ -14,6 +14,7 @@ from PIL import Image
 
 from florence.data import curate
 from florence.data.loader import MEAN, STD, dali_available, make_loader
+from tests.conftest import requires
 
 ORIENTATION = 0x0112
 
@@ -231,6 +232,7 @@ FILE_CASES = {  # file -> (its PIL mode once reopened, the image, save options, 
 }  # fmt: skip
 
 
+@requires("open_clip")
 def test_curation_stores_every_mode_as_its_rgb8_pixels(tmp_path):
     for name, (mode, make, save, _) in FILE_CASES.items():
         make().save(tmp_path / name, **save)
@@ -256,6 +258,7 @@ def _noise16(path, seed):
     return arr
 
 
+@requires("open_clip")
 def test_16_bit_pngs_are_not_white_and_not_near_duplicates(tmp_path):
     a = _noise16(tmp_path / "a.png", 1)
     b = _noise16(tmp_path / "b.png", 2)
@@ -306,6 +309,7 @@ def _save_jpeg(path, pixels, orientation):
     Image.fromarray(pixels).save(path, format="JPEG", quality=95, exif=exif)
 
 
+@requires("open_clip")
 def test_exif_orientations_are_applied_in_curation(tmp_path):
     records = []
     for n in UPRIGHT:
@@ -370,6 +374,7 @@ def _normalised_centre(pixels):
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
+@requires("open_clip")
 def test_torch_loader_applies_orientation_and_rgb8_to_foreign_shards(tmp_path):
     files = []
     for n in UPRIGHT:

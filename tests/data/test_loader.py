@@ -12,7 +12,10 @@ import torch
 import florence
 from florence.data import curate
 from florence.data.loader import dali_available, make_loader, pick_caption
+from tests.conftest import requires
 from tests.data.test_curate import _noise_image
+
+pytestmark = requires("open_clip")  # the tokenizer
 
 BACKENDS = ["torch"] + (["dali"] if dali_available() is None else [])
 N = 23  # not a multiple of the batch or of two ranks
