@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         tv = triton.__version__
     except ImportError:
         tv = None
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "mode": mode,
+    doc = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "mode": mode,
            "commit": os.environ.get("FLORENCE_COMMIT"),
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": tv,

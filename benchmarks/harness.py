@@ -107,7 +107,7 @@ def environment(device: str) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "commit": git_commit(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
     }
 
