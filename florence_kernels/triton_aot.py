@@ -59,13 +59,14 @@ def all_specs() -> list[dict]:
     )
 
 
-def _compile_one(job: tuple[int, int]) -> dict:
-    """Compile spec number i for one architecture (runs in a worker process: specs are rebuilt there)."""
+def _compile_one(job: tuple) -> dict:
+    """Compile spec number i for one architecture (runs in a worker process: specs are rebuilt there); with a third
+    item True, add the resource columns."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    index, arch = job
+    index, arch, resources = (*job, True)[:3]
     spec = all_specs()[index]
     row = {"kernel": spec["name"], "arch": f"sm_{arch}", "num_warps": spec["num_warps"]}
     t0 = time.perf_counter()
@@ -75,6 +76,10 @@ def _compile_one(job: tuple[int, int]) -> dict:
         shared = int(compiled.metadata.shared)
         limit = SHARED_MEMORY_LIMIT.get(arch, 48 * 1024)
         row.update(ok=shared <= limit, shared_bytes=shared, shared_limit=limit)
+        if resources:  # registers, spills, occupancy bound (florence_kernels.resources)
+            from .resources import triton_row_resources
+
+            row.update(triton_row_resources(compiled, arch, spec["num_warps"]))
         if shared > limit:
             row["error"] = f"shared memory {shared} B > {limit} B usable per block on sm_{arch}"
     except Exception as e:  # report every failure, not just the first

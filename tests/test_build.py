@@ -22,6 +22,26 @@ def test_extension_is_built_with_cuda_when_a_toolkit_exists():
         assert info["cuda_arch_list"], info
 
 
+def test_cuda_kernels_fit_their_resource_budget():
+    """Every CUDA kernel of the built extension, for every architecture it was built for: no stack (spills), shared
+    memory within the per-block limit, and an occupancy bound (florence_kernels.resources; cuobjdump of the .so)."""
+    from florence_kernels._dispatch import extension_build_info
+    from florence_kernels.resources import check, cuda_rows
+
+    info = extension_build_info()
+    if not info or not info["cuda"]:
+        pytest.skip("the extension was built without CUDA: no device code to read")
+    rows = cuda_rows()
+    archs = {f"sm_{a.replace('.', '')}" for a in str(info["cuda_arch_list"]).replace(";", ",").split(",") if a}
+    assert {r["arch"] for r in rows} == archs, (archs, rows[:2])
+    stems = {r["kernel"].split("<")[0] for r in rows}
+    assert stems == {"columns_kernel", "input_grad_kernel", "offset_mask_grad_kernel", "partition_kernel",
+                     "reverse_kernel"}  # fmt: skip
+    assert all(r["occupancy"] > 0 for r in rows)
+    problems = check(rows)
+    assert not problems, "\n".join(problems)
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 @pytest.mark.parametrize("skip_cuda", ["0", "1"], ids=["with-cuda", "cpu-only"])
 def test_cmake_builds_the_same_extension(tmp_path, skip_cuda):
