@@ -198,13 +198,15 @@ def check(rows: list[dict], allowed: dict | None = None) -> list[str]:
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, ""]
-    for arch in sorted({r["arch"] for r in rows}):
-        sel = [r for r in rows if r["arch"] == arch]
+    for arch, kind in sorted({(r["arch"], r.get("kind", "triton")) for r in rows}):
+        sel = [r for r in rows if r["arch"] == arch and r.get("kind", "triton") == kind]
         spills = [r for r in sel if r.get("stack_bytes", 0)]
         occ = sorted(r["occupancy"] for r in sel)
         shared = max(r["shared_bytes"] for r in sel)
-        lines.append(f"- {arch}: {len(sel)} kernels; {len(spills)} spill (stack > 0); occupancy bound median "
-                     f"{occ[len(occ) // 2]:.2f}, min {occ[0]:.2f}; max shared {shared} B")  # fmt: skip
+        most = max((r["stack_bytes"] for r in sel), default=0)
+        median = occ[len(occ) // 2]
+        lines.append(f"- {arch} {kind}: {len(sel)} kernels; {len(spills)} spill (stack > 0, at most {most} B); "
+                     f"occupancy bound median {median:.3f}, min {occ[0]:.3f}; max shared {shared} B")  # fmt: skip
     cols = ["arch", "kind", "kernel", "warps", "registers", "stack (spill) B", "shared B", "blocks/SM", "occupancy",
             "limited by"]  # fmt: skip
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
