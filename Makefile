@@ -2,8 +2,11 @@
 #   make demo   installs, builds the built-in digits dataset, pretrains a small Florence on it (2 ranks, ZeRO 2,
 #               DALI input) and prints its zero-shot accuracy on held-out digits
 #   make test   installs, then lints and runs the whole test suite
-# Variables: PYTHON (interpreter for the venv, default python3.11), and setup.py's FLORENCE_SKIP_CUDA_BUILD,
-# CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS.
+#   make test-gpu-env   the GPU machine's software (requirements-gpu-machine.txt: Python 3.12, torch 2.11, triton 3.6,
+#               no open_clip/DeepSpeed/DALI) in .venv-gpu: build for 9.0, the tests that tell the two apart, the AOT
+#               compile and resource budget with that Triton, and gpu_check.sh --dry-run (.ci/run runs both)
+# Variables: PYTHON (interpreter for the venv, default python3.11), PYTHON_GPU_ENV (Python 3.12 for .venv-gpu), and
+# setup.py's FLORENCE_SKIP_CUDA_BUILD, CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS.
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -11,7 +14,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: install test demo lint format bench bench-quick gpu-check clean
+.PHONY: install test test-gpu-env demo lint format bench bench-quick gpu-check gpu-check-dry-run clean
 
 install: $(VENV)/.built
 
@@ -41,6 +44,44 @@ format: install
 test: install lint
 	$(PY) -m pytest
 
+# --- the GPU machine's software (the device tool's H200 image) -----------------------------------------------------
+# Python 3.12: on PATH, else pyenv's (this machine kind's image has one).
+PYTHON_GPU_ENV ?= $(shell command -v python3.12 || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+VENV_GPU := .venv-gpu
+PYG := $(VENV_GPU)/bin/python
+# What differs between the two environments: dispatch and the interpreter (Triton 3.6's, mended), optional packages
+# absent, the extension built against torch 2.11 (and its resource budget), every Triton configuration compiled
+# for sm_90 with Triton 3.6 (the H200's JIT) and its spills checked against that version's list, the model layer
+# and the data tests (skips with reasons where open_clip is missing), and every op's Triton kernel under the
+# interpreter. The rest (references, torch/cpp paths, distributed, DeepSpeed) runs in .venv only: same code, and
+# CI's 60 minutes on 2 cores cannot hold the suite twice.
+GPU_ENV_TESTS := tests/test_dispatch.py tests/test_optional.py tests/test_build.py tests/test_triton_aot.py \
+	tests/test_models.py tests/test_tokenizer.py tests/data tests/test_benchmark_harness.py tests/test_info_readme.py
+
+$(PYG):
+	@test -n "$(PYTHON_GPU_ENV)" || { echo "test-gpu-env: no Python 3.12 (set PYTHON_GPU_ENV)"; exit 2; }
+	$(PYTHON_GPU_ENV) -m venv $(VENV_GPU)
+
+$(VENV_GPU)/.deps: requirements-gpu-machine.txt | $(PYG)
+	$(PYG) -m pip install --quiet --upgrade pip==23.2.1
+	$(PYG) -m pip install --quiet -r requirements-gpu-machine.txt
+	touch $@
+
+# In place, as gpu_check.sh builds on the GPU machine: florence_kernels/_C.cpython-312-*.so beside .venv's 3.11 one.
+$(VENV_GPU)/.built: $(VENV_GPU)/.deps $(SOURCES)
+	TORCH_CUDA_ARCH_LIST=9.0 $(PYG) setup.py --quiet build_ext --inplace
+	PYTHONPATH=$(CURDIR) $(PYG) -m florence_kernels.info | head -n 3
+	touch $@
+
+# gpu_check's dry run first: its collect-only pytest must not be the last test summary of the run.
+test-gpu-env: $(VENV_GPU)/.built
+	PYTHON=$(PYG) TORCH_CUDA_ARCH_LIST=9.0 bash benchmarks/gpu_check.sh --dry-run
+	PYTHONPATH=$(CURDIR) FLORENCE_AOT_ARCHS=90 $(PYG) -m pytest -k "not cmake" $(GPU_ENV_TESTS)
+	PYTHONPATH=$(CURDIR) $(PYG) -m pytest -k "triton and not extended" tests/ops
+
+gpu-check-dry-run: install
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh --dry-run
+
 DEMO_DATA := data/digits
 demo: install
 	$(PY) -m florence_kernels.info | head -n 3
@@ -62,4 +103,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf build $(VENV) florence_kernels/_C*.so *.egg-info data runs
+	rm -rf build $(VENV) $(VENV_GPU) florence_kernels/_C*.so *.egg-info data runs

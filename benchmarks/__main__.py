@@ -71,7 +71,8 @@ def main(argv=None) -> int:
             old = os.path.join(args.compare, f"{mod.NAME}.jsonl") if os.path.isdir(args.compare) else args.compare
             if os.path.exists(old):
                 status |= harness.compare(rows, old, args.fail_if_regression)
-    print(harness.format_table(all_rows))
+    if all_rows:
+        print(harness.format_table(all_rows))
     for short, reason in report["skipped"].items():
         print(f"skipped {short}: {reason}")
     for short, err in report["failed"].items():
