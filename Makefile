@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: install test test-gpu-env demo lint format bench bench-quick gpu-check gpu-check-dry-run clean
+.PHONY: install test test-gpu-env demo lint format bench bench-quick gpu-check clean
 
 install: $(VENV)/.built
 
@@ -82,9 +82,6 @@ test-gpu-env: $(VENV_GPU)/.built
 	PYTHONPATH=$(CURDIR) FLORENCE_AOT_ARCHS=90 $(PYG) -m pytest -k "not cmake and not florence_huge" $(GPU_ENV_TESTS)
 	PYTHONPATH=$(CURDIR) $(PYG) -m pytest -k "triton and not extended and not (non_contiguous and window_attention)" \
 		tests/ops
-
-gpu-check-dry-run: install
-	PYTHON=$(PY) bash benchmarks/gpu_check.sh --dry-run
 
 DEMO_DATA := data/digits
 demo: install

@@ -10,7 +10,9 @@
 #            counts as failed and the summary says so; the files written so far stay.
 # --dry-run  every step that needs no GPU, as CI runs it (.ci/run): the build (for 9.0, the H200's architecture),
 #            info, collecting the GPU tests, and importing every bench and checking its optional packages. It
-#            proves the script and what it calls still work without spending device time.
+#            proves the script and what it calls still work without spending device time. Like the real run it
+#            builds the extension in place (for 9.0): run it with the interpreter of .venv-gpu (make test-gpu-env
+#            does), not with .venv's, whose extension is built for 8.0 and 9.0.
 #
 # The working tree on the device carries no .git: pass the commit in FLORENCE_COMMIT so every row names it.
 # Writes 7 files (the device tool returns at most 8): gpu_check.log, gpu_check.json (steps, exit codes, seconds,
