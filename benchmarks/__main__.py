@@ -37,6 +37,10 @@ def main(argv=None) -> int:
         help="import every bench and check its optional packages; measure nothing (no GPU needed)",
     )
     args = harness.finish_args(parser.parse_args(argv))
+    known = [name.split(".bench_", 1)[1] for name in bench_modules()]
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        parser.error(f"--only: unknown bench {', '.join(unknown)}; known: {', '.join(known)}")
     all_rows, status = [], 0
     report = {"ran": [], "skipped": {}, "failed": {}}
     for name in bench_modules():

@@ -6,8 +6,10 @@
 #   FLORENCE_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh [--quick] [--dry-run]
 #
 # --quick    quick benches and a time limit per step, so that the whole run ends within 8 minutes on one H200
-#            (16 cores): build 150 s, info 30 s, GPU tests 150 s, benchmarks 130 s. A step stopped at its limit
-#            counts as failed and the summary says so; the files written so far stay.
+#            (16 cores): build 140 s, info 20 s, GPU tests 150 s, benchmarks 120 s (430 s, at most 5 s more each to
+#            stop, and ~20 s of set-up and summary). A step at its limit gets SIGINT first (pytest then still
+#            writes its junit report and prints its summary), SIGKILL 5 s later; it counts as failed and the
+#            summary says so; the files written so far stay.
 # --dry-run  every step that needs no GPU, as CI runs it (.ci/run): the build (for 9.0, the H200's architecture),
 #            info, collecting the GPU tests, and importing every bench and checking its optional packages. It
 #            proves the script and what it calls still work without spending device time. Like the real run it
@@ -40,11 +42,21 @@ if [ "$DRY" = 0 ] && [ "$GPU_SLUG" = no_gpu ]; then
   echo "gpu_check.sh: no CUDA GPU visible to $PY (torch.cuda.is_available() is False); use --dry-run without one"
   exit 2
 fi
-OUT_DIR=${OUT:-$ROOT/benchmarks/results/$(date -u +%Y-%m-%d)-$GPU_SLUG}
-[ "$DRY" = 1 ] && OUT_DIR=${OUT:-$(mktemp -d)/gpu_check_dry_run}
+if [ -n "${OUT:-}" ]; then
+  OUT_DIR=$OUT
+elif [ "$DRY" = 1 ]; then
+  OUT_DIR=$(mktemp -d)/gpu_check_dry_run
+else  # a new folder per run: an earlier run's files are evidence, never overwritten or mixed into this summary
+  OUT_DIR=$ROOT/benchmarks/results/$(date -u +%Y-%m-%d)-$GPU_SLUG
+  n=2; base=$OUT_DIR
+  while [ -e "$OUT_DIR" ]; do OUT_DIR=$base-$n; n=$((n + 1)); done
+fi
 mkdir -p "$OUT_DIR"
+rm -f "$OUT_DIR/gpu_tests.xml" "$OUT_DIR/benchmarks_status.json"  # $OUT: the device tool empties it; never stale
 LOG=$OUT_DIR/gpu_check.log
+exec 3>&1 4>&2
 exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
 
 export FLORENCE_COMMIT=${FLORENCE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -55,14 +67,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 declare -A STATUS LIMIT
-LIMIT=([build]=150 [info]=30 [gpu_tests]=150 [benchmarks]=130)
+LIMIT=([build]=140 [info]=20 [gpu_tests]=150 [benchmarks]=120)
 step() {  # step NAME COMMAND...: run (within its limit under --quick), time and record the exit status
   local name=$1; shift
   echo; echo "== $name: $*"
   local t0=$(date +%s) rc
   if [ -n "$QUICK" ]; then
-    timeout --signal=TERM --kill-after=10 "${LIMIT[$name]}" "$@"; rc=$?
-    [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "== $name: stopped at its ${LIMIT[$name]} s limit"
+    timeout --signal=INT --kill-after=5 "${LIMIT[$name]}" "$@"; rc=$?
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then echo "== $name: stopped at its ${LIMIT[$name]} s limit"; rc=124; fi
   else
     "$@"; rc=$?
   fi
@@ -70,11 +82,12 @@ step() {  # step NAME COMMAND...: run (within its limit under --quick), time and
   echo "== $name: exit $rc in $(( $(date +%s) - t0 )) s"
 }
 
-# Build only for this GPU's architecture (9.0 on an H200; 9.0 in a dry run): a minute on 16 cores.
+# Build only for this GPU's architecture (9.0 on an H200; 9.0 in a dry run), whatever the machine's environment
+# says (an image may export a list of every architecture): a minute on 16 cores. FLORENCE_GPU_ARCH overrides.
 if [ "$DRY" = 1 ]; then
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  export TORCH_CUDA_ARCH_LIST=${FLORENCE_GPU_ARCH:-9.0}
 else
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+  export TORCH_CUDA_ARCH_LIST=${FLORENCE_GPU_ARCH:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 step build $PY setup.py --quiet build_ext --inplace
@@ -105,7 +118,11 @@ fi
 STEPS=""
 for name in build info gpu_tests benchmarks; do
   read -r rc secs <<< "${STATUS[$name]:-127 0}"
-  STEPS+="$name $rc $secs ${LIMIT[$name]};"
+  limit=0; [ -n "$QUICK" ] && limit=${LIMIT[$name]}
+  STEPS+="$name $rc $secs $limit;"
 done
 $PY "$ROOT/benchmarks/gpu_check_summary.py" "$OUT_DIR" "$MODE" "$STEPS"
-exit $?
+FAILED=$?
+exec 1>&3 2>&4 3>&- 4>&-  # close the pipe to tee and let it finish writing the log before exiting
+wait "$TEE_PID" 2>/dev/null || true
+exit $FAILED

@@ -19,7 +19,8 @@ def parse_steps(text: str) -> list[dict]:
     steps = []
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, rc, secs, *limit = item.split()
-        steps.append({"name": name, "exit": int(rc), "seconds": int(secs), "limit_s": int(limit[0]) if limit else None})
+        limit_s = int(limit[0]) if limit and int(limit[0]) > 0 else None  # 0: no limit (not --quick)
+        steps.append({"name": name, "exit": int(rc), "seconds": int(secs), "limit_s": limit_s})
     return steps
 
 
@@ -43,7 +44,7 @@ def junit_summary(path: str) -> dict | None:
 
 
 def notes(step: dict, out_dir: str, mode: str) -> str:
-    if step["exit"] in (124, 137) and step["limit_s"]:
+    if step["exit"] == 124 and step["limit_s"]:  # gpu_check.sh reports a step stopped at its limit as 124
         return f"stopped at its {step['limit_s']} s limit"
     if step["name"] == "gpu_tests":
         j = step.get("junit")
@@ -59,7 +60,12 @@ def notes(step: dict, out_dir: str, mode: str) -> str:
 
 
 def main(argv=None) -> int:
-    out_dir, mode, steps_text = (argv or sys.argv[1:])[:3]
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3:
+        print(__doc__, file=sys.stderr)
+        print(f"gpu_check_summary.py: expected OUT_DIR MODE STEPS, got {len(argv)} argument(s)", file=sys.stderr)
+        return 2
+    out_dir, mode, steps_text = argv
     steps = parse_steps(steps_text)
     for s in steps:
         if s["name"] == "gpu_tests":
@@ -92,7 +98,7 @@ def main(argv=None) -> int:
           f"{doc['python']}, torch {doc['torch']}, triton {tv})")  # fmt: skip
     print(f"{'step':<12}{'exit':>5}{'seconds':>9}{'limit':>7}  notes")
     for s in steps:
-        limit = f"{s['limit_s']}" if mode == "quick" and s["limit_s"] else "-"
+        limit = f"{s['limit_s']}" if s["limit_s"] else "-"
         print(f"{s['name']:<12}{s['exit']:>5}{s['seconds']:>9}{limit:>7}  {s['notes']}")
     print(f"{'total':<12}{'':>5}{total:>9}")
     for s in steps:

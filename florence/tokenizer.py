@@ -113,9 +113,14 @@ def random_token_ids(n: int, context_length: int = CONTEXT_LENGTH, length: int =
     """(n, context_length) int64 ids laid out as the tokenizer lays them out: start-of-text (49406), ``length``
     ids drawn from the BPE range [256, 49000), end-of-text (49407), zero padding. For benchmarks and tests that need
     token ids but not a text's (a text tower's cost and shapes do not depend on which ids); needs no open_clip.
-    ValueError when ``length + 2`` exceeds ``context_length``."""
-    if not isinstance(context_length, int) or length < 0 or length + 2 > context_length:
-        raise ValueError(f"length: {length} ids + start + end must fit context_length {context_length!r}")
+    ValueError naming ``n``, ``context_length`` or ``length`` when one is not a valid int, or ``length + 2`` exceeds
+    ``context_length``."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n: expected an int >= 0, got {n!r}")
+    if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length < 3:
+        raise ValueError(f"context_length: expected an int >= 3, got {context_length!r}")
+    if not isinstance(length, int) or length < 0 or length + 2 > context_length:
+        raise ValueError(f"length: {length!r} ids + start + end must fit context_length {context_length}")
     g = torch.Generator().manual_seed(seed)
     ids = torch.zeros(n, context_length, dtype=torch.long)
     ids[:, 0], ids[:, length + 1] = 49406, 49407

@@ -54,10 +54,21 @@ def _numpy_refuses_1d_int() -> bool:
     return False
 
 
+def _interpreter_has_scalar_index_bug(patch_lang_tensor) -> bool:
+    """Whether this Triton's ``_patch_lang_tensor`` converts with ``int(self.handle.data)`` (Triton < 3.7)."""
+    import inspect
+
+    try:
+        return "int(self.handle.data)" in inspect.getsource(patch_lang_tensor)
+    except (OSError, TypeError):  # no source (a frozen install): assume the bug, the mended form is equivalent
+        return True
+
+
 def _fix_interpreter_scalar_index() -> bool:
     """Make the interpreter's ``tensor.__index__`` take the one element of a scalar's 1-element array (Triton 3.7+'s
-    ``int(data.squeeze())``) where numpy refuses ``int()`` of it. Returns whether the interpreter was patched (False:
-    no Triton interpreter, or a numpy that still converts). Idempotent."""
+    ``int(data.squeeze())``) where this Triton has the bug and numpy refuses ``int()`` of such an array. Returns
+    whether the interpreter is mended (False: no Triton interpreter, a fixed Triton, or a numpy that still
+    converts). Idempotent: a second call keeps the one wrapper."""
     if not _numpy_refuses_1d_int():
         return False
     try:
@@ -65,14 +76,19 @@ def _fix_interpreter_scalar_index() -> bool:
     except ImportError:
         return False
     original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_florence_fixed", False):
-        return original is not None
+    if original is None:
+        return False
+    if getattr(original, "_florence_fixed", False):
+        return True
+    if not _interpreter_has_scalar_index_bug(original):
+        return False
 
     def _patch_lang_tensor(tensor, scope, *args, **kwargs):
         original(tensor, scope, *args, **kwargs)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
     _patch_lang_tensor._florence_fixed = True
+    _patch_lang_tensor.__wrapped__ = original
     interpreter._patch_lang_tensor = _patch_lang_tensor
     return True
 
@@ -81,7 +97,7 @@ if TRITON_INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
     if "triton" in sys.modules:
         _interpret_loaded_triton()
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"):  # Triton's own reading
     _fix_interpreter_scalar_index()
 
 

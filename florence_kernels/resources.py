@@ -10,10 +10,10 @@ occupancy bound they leave, read off the compiled binaries without a GPU.
 
 A Triton kernel makes no calls, so a stack frame is register spills; a CUDA kernel of ours neither (checked here:
 any stack counts). The occupancy bound is what the register file, shared memory and the thread/block limits allow
-on one SM (CUDA's occupancy calculator rules: registers allocated per warp in units of 256, one KB of shared memory
-reserved per block); real occupancy can only be lower. Limits from the CUDA C++ Programming Guide's table of
-compute capabilities (8.0 and 9.0: 64K registers, 2048 threads, 32 blocks and 64 warps per SM; shared memory per SM
-164 KB and 228 KB).
+on one SM (the rules of CUDA's cuda_occupancy.h: registers allocated per warp in units of 256 from four 16K
+sub-partitions, one KB of shared memory reserved per block); real occupancy can only be lower. Limits from the
+CUDA C++ Programming Guide's table of compute capabilities (8.0 and 9.0: 64K registers, 2048 threads, 32 blocks
+and 64 warps per SM; shared memory per SM 164 KB and 228 KB).
 
     python -m florence_kernels.resources --out benchmarks/results/resources-<date>   # table (.md) and rows (.json)
 
@@ -124,8 +124,9 @@ def occupancy(arch: int, registers: int, threads_per_block: int, shared_bytes: i
     regs_sm, threads_sm, blocks_sm, warps_sm, smem_sm = SM_LIMITS[arch]
     warps = -(-threads_per_block // 32)
     regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    # the register file is 4 sub-partitions of 16K: warps fit per sub-partition (cuda_occupancy.h)
     by = {
-        "registers": (regs_sm // regs_per_warp) // warps,
+        "registers": ((regs_sm // 4) // regs_per_warp * 4) // warps,
         "threads": threads_sm // (warps * 32),
         "blocks": blocks_sm,
         "shared": smem_sm // (shared_bytes + 1024) if shared_bytes else blocks_sm,
@@ -158,14 +159,19 @@ def cuda_rows(path: str | None = None) -> list[dict]:
         return []
     usage = parse_resource_usage(out.stdout)
     names = sorted({r["function"] for r in usage})
-    filt = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
-    plain = filt.stdout.splitlines() if filt.returncode == 0 else names
+    try:
+        filt = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+        plain = filt.stdout.splitlines() if filt.returncode == 0 else names
+    except FileNotFoundError:  # binutils not installed
+        plain = names
     demangled = dict(zip(names, plain if len(plain) == len(names) else names, strict=True))
     rows = []
     for r in usage:
         stem = next((k for k in CUDA_BLOCK_THREADS if k in r["function"]), None)
         plain = demangled[r["function"]].replace("(anonymous namespace)::", "")  # void ns::name<T>(args)
         name = plain.split("(")[0].removeprefix("void ").rsplit("::", 1)[-1]
+        if plain == r["function"] and stem:  # no c++filt: the stem and the mangled template argument
+            name = f"{stem}[{r['function'].split(stem, 1)[1][:24]}]"
         arch = int(r["arch"][3:]) if r["arch"] else 90
         threads = CUDA_BLOCK_THREADS.get(stem, 256)
         shared = r["static_shared_bytes"]
@@ -184,6 +190,9 @@ def check(rows: list[dict], allowed: dict | None = None) -> list[str]:
     allowed = allowed or {}
     problems = []
     for r in rows:
+        if "resource_error" in r or "registers" not in r:
+            problems.append(f"{r['arch']} {r['kernel']}: no resource usage ({r.get('resource_error', 'not read')})")
+            continue
         arch = int(str(r["arch"]).removeprefix("sm_"))
         limit = SHARED_MEMORY_LIMIT.get(arch, 48 * 1024)
         if r.get("shared_bytes", 0) > limit:
@@ -263,7 +272,7 @@ def main(argv=None) -> int:
         atomic_write_text(EXCEPTIONS_PATH, json.dumps(doc, indent=1) + "\n")
     allowed = allowed_spills(tv) if tv else {}
     problems = check(rows, allowed) + [f"{r['arch']} {r['kernel']}: {r['error']}" for r in failed]
-    text = markdown(rows, header)
+    text = markdown([r for r in rows if "registers" in r], header)
     if problems:
         text += "\n## Problems\n\n" + "\n".join(f"- {p}" for p in problems) + "\n"
     atomic_write_text(args.out + ".md", text)

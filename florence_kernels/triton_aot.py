@@ -59,14 +59,14 @@ def all_specs() -> list[dict]:
     )
 
 
-def _compile_one(job: tuple) -> dict:
-    """Compile spec number i for one architecture (runs in a worker process: specs are rebuilt there); with a third
-    item True, add the resource columns."""
+def _compile_one(job: tuple[int, int]) -> dict:
+    """Compile spec number i for one architecture (runs in a worker process: specs are rebuilt there), with the
+    resource columns of florence_kernels.resources (or ``resource_error`` when cuobjdump cannot read the cubin)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    index, arch, resources = (*job, True)[:3]
+    index, arch = job
     spec = all_specs()[index]
     row = {"kernel": spec["name"], "arch": f"sm_{arch}", "num_warps": spec["num_warps"]}
     t0 = time.perf_counter()
@@ -76,10 +76,12 @@ def _compile_one(job: tuple) -> dict:
         shared = int(compiled.metadata.shared)
         limit = SHARED_MEMORY_LIMIT.get(arch, 48 * 1024)
         row.update(ok=shared <= limit, shared_bytes=shared, shared_limit=limit)
-        if resources:  # registers, spills, occupancy bound (florence_kernels.resources)
-            from .resources import triton_row_resources
+        from .resources import triton_row_resources
 
+        try:  # registers, spills, occupancy bound; a compile that worked stays ok if cuobjdump fails
             row.update(triton_row_resources(compiled, arch, spec["num_warps"]))
+        except Exception as e:
+            row["resource_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         if shared > limit:
             row["error"] = f"shared memory {shared} B > {limit} B usable per block on sm_{arch}"
     except Exception as e:  # report every failure, not just the first

@@ -156,7 +156,7 @@ def test_interpreter_runs_loops_over_runtime_bounds(how, tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("15.0"), proc.stderr[-3000:]
 
 
-def test_interpreter_fix_applies_only_where_numpy_refuses():
+def test_interpreter_fix_applies_only_where_numpy_refuses_and_triton_has_the_bug():
     from florence_kernels import _env
 
     if not _env._numpy_refuses_1d_int():
@@ -165,5 +165,10 @@ def test_interpreter_fix_applies_only_where_numpy_refuses():
     pytest.importorskip("triton")
     from triton.runtime import interpreter
 
-    assert _env._fix_interpreter_scalar_index() is True  # idempotent: a second call keeps one wrapper
-    assert interpreter._patch_lang_tensor._florence_fixed
+    fixed = _env._fix_interpreter_scalar_index()
+    wrapper = interpreter._patch_lang_tensor
+    assert _env._fix_interpreter_scalar_index() is fixed and interpreter._patch_lang_tensor is wrapper  # idempotent
+    buggy = fixed and _env._interpreter_has_scalar_index_bug(wrapper.__wrapped__)
+    assert fixed == buggy  # mended exactly where this Triton converts with int(self.handle.data)
+    assert _env._interpreter_has_scalar_index_bug(lambda self: int(self.handle.data))  # the < 3.7 form
+    assert not _env._interpreter_has_scalar_index_bug(lambda self: int(self.handle.data.squeeze()))  # 3.7+

@@ -50,8 +50,12 @@ def test_random_token_ids_need_no_tokenizer(without):
     assert ((ids[:, 1:6] >= 256) & (ids[:, 1:6] < 49000)).all()
     assert (ids.argmax(-1) == 6).all()  # the text tower pools at the end-of-text id, the largest
     assert torch.equal(ids, florence.random_token_ids(3, 16, length=5, seed=0))
-    with pytest.raises(ValueError, match="must fit context_length 8"):
+    with pytest.raises(ValueError, match="length: 7 ids . start . end must fit context_length 8"):
         florence.random_token_ids(1, 8, length=7)
+    with pytest.raises(ValueError, match=r"context_length: expected an int >= 3, got 16.0"):
+        florence.random_token_ids(1, 16.0)
+    with pytest.raises(ValueError, match=r"n: expected an int >= 0, got -1"):
+        florence.random_token_ids(-1, 16)
 
 
 def test_curate_cli_without_open_clip_exits_2_with_one_line(without, tmp_path, capsys):

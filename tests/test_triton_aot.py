@@ -37,7 +37,7 @@ def aot_rows(tmp_path_factory):
     return json.loads(report.read_text())
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90(aot_rows):
+def test_every_kernel_compiles_for_every_architecture(aot_rows):
     rows = aot_rows
     from florence_kernels.triton_aot import all_specs
 
@@ -74,9 +74,10 @@ def test_resource_budget_no_unlisted_spill(aot_rows):
     assert all(0 < r["registers"] <= 255 and 0 < r["occupancy"] <= 1 for r in aot_rows)
     problems = check(aot_rows, allowed)
     assert not problems, "\n".join(problems)
-    # the list holds no stale entry: each listed configuration still exists and still spills
+    # the list holds no stale entry: each listed configuration of the compiled architectures still spills
     spilling = {(r["kernel"], r["arch"]) for r in aot_rows if r["stack_bytes"]}
-    assert set(allowed) <= spilling, sorted(set(allowed) - spilling)
+    listed = {key for key in allowed if key[1] in {f"sm_{a}" for a in ARCHS}}
+    assert listed <= spilling, sorted(listed - spilling)
 
 
 def test_occupancy_bound_follows_the_calculator_rules():
