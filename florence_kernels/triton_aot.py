@@ -103,6 +103,38 @@ def compile_all(archs: list[int], name_filter: str | None = None, jobs: int = 1)
         return list(pool.map(_compile_one, work, chunksize=4))
 
 
+def jit_compile_args(fn, args: tuple, kwargs: dict, arch: int) -> tuple[str, dict]:
+    """What Triton's JIT compiles for the launch ``fn[grid](*args, **kwargs)`` on a GPU of compute capability
+    ``arch``, rebuilt without a GPU by the JIT's own binder (``create_function_from_signature``, ``_pack_args``):
+    (cache hash, ``triton.compile`` keyword arguments). ``triton.compile(**those)`` here writes the cache entry that
+    the JIT looks up there (the same key function: source, argument types, specialisation attributes, constants,
+    options, target, env vars), where Triton, its ptxas and the kernel's source are the same. Triton internals
+    (3.6 to 3.8): raises NotImplementedError where they differ. Ints equal to 1 become constants and pointers /
+    ints divisible by 16 are marked, by the values of ``args``: replay the real shapes."""
+    import hashlib
+
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import get_cache_invalidating_env_vars, make_backend
+    from triton.runtime import jit
+    from triton.runtime.cache import get_cache_key
+
+    if not hasattr(jit, "create_function_from_signature") or not hasattr(fn, "_pack_args"):
+        raise NotImplementedError("this Triton's JIT binder differs from 3.6-3.8's")
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = jit.create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs)  # as JITFunction.run completes them
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    key = get_cache_key(src, backend, options, env_vars=get_cache_invalidating_env_vars())
+    return hashlib.sha256(key.encode("utf-8")).hexdigest(), {"src": src, "target": target, "options": options.__dict__}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")

@@ -135,3 +135,52 @@ def test_aot_refuses_to_run_under_the_interpreter():
         [sys.executable, "-m", "florence_kernels.triton_aot"], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stdout
+
+
+_JIT_KEY_CHECK = """
+import json, sys
+import torch
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from triton.runtime import jit
+import florence_kernels.ops.window_partition as wp
+from florence_kernels.triton_aot import all_specs, jit_compile_args
+
+captured = {}
+def capture(self, *args, grid, warmup, **kwargs):  # the launch, as the launcher makes it
+    captured.update(fn=self, args=args, kwargs=kwargs)
+jit.JITFunction.run = capture
+wp.window_partition_triton(torch.randn(2, 1, 14, 14, 96), (1, 7, 7), (0, 3, 3))
+fn, args, kwargs = captured["fn"], captured["args"], captured["kwargs"]
+try:
+    jit_hash, compile_args = jit_compile_args(fn, args, kwargs, 90)
+except NotImplementedError as e:
+    print(json.dumps({"skip": str(e)})); sys.exit(0)
+compiled = triton.compile(**compile_args)
+cfg = wp.triton_launch_config(96)
+spec = next(s for s in all_specs() if s["fn"] is fn and s["constexprs"].get("BLOCK_C") == cfg["BLOCK_C"]
+            and s["constexprs"].get("REVERSE") is False and "fp32,i32" in s["name"])
+aot = triton.compile(ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"]),
+                     target=GPUTarget("cuda", 90, 32), options={"num_warps": spec["num_warps"]})
+sig = compile_args["src"].signature
+constants = sorted(k for k, v in sig.items() if v == "constexpr" and spec["signature"][k] != "constexpr")
+print(json.dumps({"jit": jit_hash, "compiled": compiled.hash, "aot": aot.hash, "constants": constants,
+                  "divisible": len([a for a in compile_args["src"].attrs.values() if a])}))
+"""
+
+
+def test_jit_cache_key_rebuilt_on_cpu_and_the_specs_do_not_hit_it():
+    """The claim behind 'no pre-filled Triton cache' (README, GPU check): for a real launch (window_partition of a
+    (2, 1, 14, 14, 96) tensor, window 1x7x7), compiling with what jit_compile_args rebuilds lands on the JIT's cache
+    key, and our ahead-of-time spec for the same configuration does not (the JIT turns the 1-valued T, wt, nT and
+    stride_ch into constants and marks arguments divisible by 16)."""
+    proc = subprocess.run([sys.executable, "-c", _JIT_KEY_CHECK], capture_output=True, text=True, env=_clean_env(),
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    assert out["compiled"] == out["jit"]  # triton.compile with the rebuilt arguments fills the JIT's entry
+    assert out["aot"] != out["jit"]
+    assert out["constants"] == ["T", "nT", "stride_ch", "wt"] and out["divisible"] >= 8
