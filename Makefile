@@ -45,8 +45,9 @@ test: install lint
 	$(PY) -m pytest
 
 # --- the GPU machine's software (the device tool's H200 image) -----------------------------------------------------
-# Python 3.12: on PATH, else pyenv's (this machine kind's image has one).
-PYTHON_GPU_ENV ?= $(shell command -v python3.12 || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+# Python 3.12 that runs: pyenv's (this machine kind's image has one; its shim on PATH does not run it), else PATH's.
+PYTHON_GPU_ENV ?= $(shell for p in $$HOME/.pyenv/versions/3.12*/bin/python3.12 $$(command -v python3.12); do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
 VENV_GPU := .venv-gpu
 PYG := $(VENV_GPU)/bin/python
 # What differs between the two environments: dispatch and the interpreter (Triton 3.6's, mended), optional packages
