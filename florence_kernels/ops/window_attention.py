@@ -673,17 +673,20 @@ _wattn_cpp_packed_fwd_op.register_autograd(_wattn_packed_backward, setup_context
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_limits(q, k, v, *, dropout_p=0.0, **_) -> list[str]:
+def _triton_limits(q, k, v, *, dropout_p=0.0, native_reason=None, **_) -> list[str]:
     reasons = []
     if q.shape[-1] > TRITON_HEAD_DIMS[-1]:
         reasons.append(f"head_dim {q.shape[-1]} > {TRITON_HEAD_DIMS[-1]}")
     if dropout_p > 0:
         reasons.append("attention dropout is not fused (dropout_p > 0)")
+    if native_reason:
+        reasons.append(native_reason)
     return reasons
 
 
-def _cpp_limits(q, k, v, *, dropout_p=0.0, **_) -> list[str]:
-    return ["attention dropout is not fused (dropout_p > 0)"] if dropout_p > 0 else []
+def _cpp_limits(q, k, v, *, dropout_p=0.0, native_reason=None, **_) -> list[str]:
+    reasons = ["attention dropout is not fused (dropout_p > 0)"] if dropout_p > 0 else []
+    return reasons + ([native_reason] if native_reason else [])
 
 
 WINDOW_ATTENTION = register_op(
@@ -704,7 +707,8 @@ WINDOW_ATTENTION = register_op(
 
 def window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size, shift_size=0, rel_pos_bias=None,
-    scale: float | None = None, dropout_p: float = 0.0, backend: str | None = None,
+    scale: float | None = None, dropout_p: float = 0.0, convention="florence", pad_token=None, logit_scale=None,
+    backend: str | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Shifted-window attention with relative position bias, on token grids.
 
@@ -716,13 +720,28 @@ def window_attention(
         rel_pos_bias: ((2Wt-1)(2Wh-1)(2Ww-1), num_heads) table for the nominal window_size, or None.
         scale: default head_dim ** -0.5.
         dropout_p: attention dropout (reference and torch backends only).
+        convention: the geometry where the window does not divide the grid: "florence" (default: pad then roll,
+            padded tokens masked out, Swin's shrink rule), "timm", "torchvision", "torchvision3d" (each peer's order
+            of pad and roll, zero-input padding tokens as keys, shrink rule and bias index), or a
+            :class:`~florence_kernels.ops.window_conventions.WindowConvention`. Identical where the window divides
+            the grid and no axis shrinks.
+        pad_token: under a convention with "zeros" padding, the (q, k, v) of a padding token, each (num_heads,
+            head_dim) (the projection of a zero input: its bias) or None for zeros; gradients flow into them.
+        logit_scale: Swin V2's scaled cosine attention: (num_heads,) (any shape of num_heads elements) learnt log
+            scale; scores are normalize(q) normalize(k)^T * exp(min(logit_scale, log 100)) and ``scale`` is unused.
+            rel_pos_bias is then the table of V2's continuous position bias (16 sigmoid(MLP(coords))).
         backend: None (automatic), "reference", "torch", "cpp" (CPU) or "triton" (CUDA).
 
     Returns:
         (B, T, H, W, num_heads, head_dim) (or the 5-D layout of the input); gradients for q, k, v and the table.
 
+    Raises:
+        TypeError/ValueError naming the argument, its shape and what was expected; BackendNotSupportedError for a
+        backend that cannot run the input (e.g. cpp/triton for a convention whose geometry they cannot take here).
+
     Equivalent PyTorch code: see :func:`window_attention_reference` (pad, roll, partition, q k^T + bias + mask,
-    softmax, @ v, reverse, roll back, crop).
+    softmax, @ v, reverse, roll back, crop) and, for the conventions and cosine attention,
+    :func:`florence_kernels.ops.window_conventions.window_attention_reference`.
     """
     names = ("q", "k", "v")
     for name, t in zip(names, (q, k, v), strict=True):
@@ -757,6 +776,19 @@ def window_attention(
     scale = float(hd**-0.5 if scale is None else scale)
     if nsp == 2:
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    from . import window_conventions as wc
+
+    conv = wc.get_convention(convention)
+    pad_token = _check_pad_token(pad_token, conv, q)
+    if logit_scale is not None:
+        if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != nh or logit_scale.device != q.device:
+            got = (f"shape {tuple(logit_scale.shape)} on {logit_scale.device}" if isinstance(logit_scale, torch.Tensor)
+                   else type(logit_scale).__name__)  # fmt: skip
+            raise ValueError(f"logit_scale: expected a tensor of num_heads={nh} elements on {q.device}, got {got}")
+    if conv.name != "florence" or logit_scale is not None:
+        out = _window_attention_convention(q, k, v, window, shift, rel_pos_bias, scale, dropout_p, conv, pad_token,
+                                           logit_scale, backend)  # fmt: skip
+        return out.squeeze(1) if nsp == 2 else out
     name = WINDOW_ATTENTION.select([q, k, v], backend, dropout_p=dropout_p)
     if name == "triton" and any(t.stride(-1) != 1 for t in (q, k, v)):  # the kernels read head_dim with unit stride
         q, k, v = (t.contiguous() if t.stride(-1) != 1 else t for t in (q, k, v))
@@ -769,6 +801,49 @@ def window_attention(
     else:
         out = _wattn_triton_fwd_op(q, k, v, rel_pos_bias, list(window), list(shift), scale)[0]
     return out.squeeze(1) if nsp == 2 else out
+
+
+def _check_pad_token(pad_token, conv, q):
+    """(q, k, v) padding-token rows, each (num_heads, head_dim) or None; only under "zeros" padding."""
+    if pad_token is None:
+        return None
+    if conv.padding != "zeros":
+        raise ValueError(f"pad_token: convention {conv.name!r} masks padded tokens out; pad_token needs 'zeros' padding")
+    if not isinstance(pad_token, (tuple, list)) or len(pad_token) != 3:
+        raise ValueError(f"pad_token: expected (q, k, v) rows, got {type(pad_token).__name__}")
+    nh, hd = q.shape[-2:]
+    for name, t in zip("qkv", pad_token, strict=True):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != nh * hd or t.device != q.device):
+            got = f"shape {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"pad_token[{name}]: expected (num_heads={nh}, head_dim={hd}) on {q.device}, got {got}")
+    return tuple(t.reshape(nh, hd) if t is not None else None for t in pad_token)
+
+
+def _window_attention_convention(q, k, v, window, shift, rel_pos_bias, scale, dropout_p, conv, pad_token,
+                                 logit_scale, backend):  # fmt: skip
+    """A non-default convention or Swin V2's cosine attention on 6-D q, k, v (see window_conventions)."""
+    from . import window_conventions as wc
+
+    thw = tuple(q.shape[1:4])
+    g = wc.resolve(thw, window, shift, conv)
+    kind, gather, inverse = wc.native_plan(thw, g, conv, tuple(window), tuple(shift), q.device)
+    reason = f"convention {conv.name!r}: {gather}" if kind == "none" else None
+    name = WINDOW_ATTENTION.select([q, k, v], backend, dropout_p=dropout_p, native_reason=reason)
+    if name == "reference":
+        return wc.window_attention_reference(q, k, v, window, shift, rel_pos_bias, scale, conv, pad_token,
+                                             logit_scale, dropout_p)  # fmt: skip
+    if logit_scale is not None:  # cosine: normalised q times the head's multiplier, normalised k, scale 1
+        q, k, pad_token = wc.cosine_prologue(q, k, logit_scale, pad_token)
+        scale = 1.0
+    if name == "torch":
+        return wc.window_attention_torch(q, k, v, window, shift, rel_pos_bias, scale, conv, pad_token, dropout_p)
+    if kind == "arrange":
+        q, k, v = (wc.arrange(x, i, pad_token, gather, g.padded) for i, x in enumerate((q, k, v)))
+    if name == "triton" and any(t.stride(-1) != 1 for t in (q, k, v)):
+        q, k, v = (t.contiguous() if t.stride(-1) != 1 else t for t in (q, k, v))
+    op = _wattn_cpp_fwd_op if name == "cpp" else _wattn_triton_fwd_op
+    out = op(q, k, v, rel_pos_bias, list(window), list(shift), scale)[0]
+    return wc.unarrange(out, inverse, thw) if kind == "arrange" else out
 
 
 # --- ahead-of-time compile specs ------------------------------------------------------------------------------------
