@@ -9,16 +9,17 @@ from . import _env  # noqa: F401  (must run before triton is imported: FLORENCE_
 from ._dispatch import BACKEND_NAMES, OPS, Backend, BackendNotSupportedError, Op
 from .ops.contrastive_loss import contrastive_loss
 from .ops.conv_embed import conv_embed
-from .ops.deform_conv import modulated_deform_conv2d
+from .ops.deform_conv import deform_conv2d, modulated_deform_conv2d
 from .ops.dyhead import dyrelu, scale_aware_attention, scale_task_attention
 from .ops.window_attention import window_attention
 from .ops.window_partition import window_partition, window_reverse
 
 from . import nn  # noqa: E402  # isort: skip  (after the ops it uses; fk.nn works after import, as torch.nn does)
+from .integrations import PatchReport, patch, unpatch  # noqa: E402  # isort: skip
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("gradcache", "info", "ops", "testing", "triton_aot")
+_SUBMODULES = ("gradcache", "info", "integrations", "ops", "testing", "triton_aot")
 
 
 def __getattr__(name):
@@ -41,7 +42,11 @@ __all__ = [
     "scale_aware_attention",
     "scale_task_attention",
     "conv_embed",
+    "deform_conv2d",
     "modulated_deform_conv2d",
+    "PatchReport",
+    "patch",
+    "unpatch",
     "nn",
     "window_attention",
     "window_partition",

@@ -566,6 +566,21 @@ def modulated_deform_conv2d(
     return _DcnTorch.apply(input, offset, mask, weight, bias, stride, padding, dilation, G)
 
 
+def deform_conv2d(
+    input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask: torch.Tensor | None = None, *, backend: str | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``torchvision.ops.deform_conv2d`` exactly: its signature (positional order input, offset, weight, bias,
+    stride, padding, dilation, mask), defaults and semantics (DCNv1 when mask is None, DCNv2 with it), on the fused
+    backends of :func:`modulated_deform_conv2d` (same shapes, dtypes, errors; ``backend`` keyword-only).
+
+    Equivalent PyTorch code: ``torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation,
+    mask)``.
+    """
+    return modulated_deform_conv2d(input, offset, mask, weight, bias, stride=stride, padding=padding,
+                                   dilation=dilation, backend=backend)  # fmt: skip
+
+
 # --- ahead-of-time compile specs ------------------------------------------------------------------------------------
 
 
