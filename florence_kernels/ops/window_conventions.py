@@ -175,14 +175,25 @@ def cosine_logit_scale(logit_scale: torch.Tensor, num_heads: int, dtype) -> torc
     return logit_scale.reshape(num_heads).clamp(max=MAX_LOGIT_SCALE).exp().to(dtype)
 
 
+def _acc(dtype):
+    """fp32 for 16-bit inputs: F.normalize's eps (1e-12) is 0 in fp16, where a zero token (padding, V2's zero k bias)
+    would give 0 / 0; fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _normalize(x, mult=None):
+    y = F.normalize(x.to(_acc(x.dtype)), dim=-1)
+    return (y if mult is None else y * mult).to(x.dtype)
+
+
 def cosine_prologue(q, k, logit_scale, pad_token):
     """Swin V2 on kernels that compute ``scale q k^T``: normalised q times the head's multiplier, normalised k, and
-    the same for the padding token; the caller passes scale = 1."""
-    mult = cosine_logit_scale(logit_scale, q.shape[-2], q.dtype).unsqueeze(-1)  # (nh, 1)
-    q, k = F.normalize(q, dim=-1) * mult, F.normalize(k, dim=-1)
+    the same for the padding token (normalised in fp32 at least, rounded once); the caller passes scale = 1."""
+    mult = cosine_logit_scale(logit_scale, q.shape[-2], _acc(q.dtype)).unsqueeze(-1)  # (nh, 1)
+    q, k = _normalize(q, mult), _normalize(k)
     if pad_token is not None:
         pq, pk, pv = pad_token
-        pad_token = (F.normalize(pq, dim=-1) * mult, F.normalize(pk, dim=-1), pv)
+        pad_token = (_normalize(pq, mult) if pq is not None else None, _normalize(pk) if pk is not None else None, pv)
     return q, k, pad_token
 
 
@@ -221,8 +232,11 @@ def window_attention_reference(q, k, v, window_size, shift_size, rel_pos_bias, s
 
     qw, kw, vw = (to_windows(arrange(x, _pad_rows(pad_token, i, x)[None])) for i, x in enumerate((q, k, v)))
     if logit_scale is not None:
+        # as the peers write it, in q's dtype; F.normalize's eps raised to the smallest normal number of fp16,
+        # where 1e-12 is 0 and a zero token (padding, V2's zero k bias) would give 0 / 0
+        eps = max(1e-12, torch.finfo(q.dtype).tiny)
         mult = cosine_logit_scale(logit_scale, nh, q.dtype).view(1, nh, 1, 1)
-        attn = (F.normalize(qw, dim=-1) @ F.normalize(kw, dim=-1).transpose(-2, -1)) * mult
+        attn = (F.normalize(qw, dim=-1, eps=eps) @ F.normalize(kw, dim=-1, eps=eps).transpose(-2, -1)) * mult
     else:
         attn = (qw * scale) @ kw.transpose(-2, -1)
     if rel_pos_bias is not None:
