@@ -494,13 +494,35 @@ def scale_attention_terms(terms, weight, bias, backend):
 
 
 class DyHead(nn.Module):
-    """``num_blocks`` DyHeadBlocks in sequence on a list of pyramid levels (Florence: 6 blocks, 256 channels)."""
+    """``num_blocks`` DyHeadBlocks in sequence on a list of pyramid levels (Florence: 6 blocks, 256 channels).
 
-    def __init__(self, channels: int = 256, num_blocks: int = 6, backend: str | None = None):
+    mmdetection's constructor, ``DyHead(in_channels, out_channels, num_blocks=6, zero_init_offset=True,
+    init_cfg=None)`` (mmdet/models/necks/dyhead.py): the first block maps in_channels to out_channels, the others
+    keep out_channels; its blocks are ``dyhead_blocks`` (an nn.Sequential, mmdetection's name, so its state dicts
+    load). ``init_cfg`` is accepted for compatibility; the initialisation is always mmdetection's (normal(0, 0.01)
+    convolutions, zero biases, zero offsets when zero_init_offset). forward takes a list or tuple of (B, C, H, W)
+    levels and returns a tuple, as mmdetection's.
+    """
+
+    def __init__(self, in_channels: int = 256, out_channels: int | None = None, num_blocks: int = 6,
+                 zero_init_offset: bool = True, init_cfg=None, *, backend: str | None = None):  # fmt: skip
         super().__init__()
-        self.blocks = nn.ModuleList(DyHeadBlock(channels, channels, backend=backend) for _ in range(num_blocks))
+        out_channels = in_channels if out_channels is None else out_channels
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("num_blocks", num_blocks)):
+            if not isinstance(value, int) or value < (0 if name == "num_blocks" else 1):
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if out_channels % 16:
+            raise ValueError(f"out_channels: {out_channels} is not a multiple of 16 (the spatial terms' GroupNorm(16))")
+        self.in_channels, self.out_channels, self.num_blocks = in_channels, out_channels, num_blocks
+        self.zero_init_offset, self.init_cfg = zero_init_offset, init_cfg
+        self.dyhead_blocks = nn.Sequential(
+            *(
+                DyHeadBlock(in_channels if i == 0 else out_channels, out_channels, zero_init_offset, backend=backend)
+                for i in range(num_blocks)
+            )  # fmt: skip
+        )
 
-    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
-        for blk in self.blocks:
-            x = blk(x)
-        return x
+    def forward(self, x) -> tuple[torch.Tensor, ...]:
+        if not isinstance(x, (list, tuple)):
+            raise ValueError(f"x: expected a list or tuple of (B, C, H, W) pyramid levels, got {type(x).__name__}")
+        return tuple(self.dyhead_blocks(list(x)))

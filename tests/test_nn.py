@@ -223,7 +223,8 @@ def _modules(backend):
          lambda B: torch.randn(B, 3, 5, 6, 16)),
         ("DyReLU", DyReLU(16, backend=backend), lambda B: torch.randn(B, 16, 5, 6)),
         ("DyHeadBlock", blk, lambda B: [torch.randn(B, 16, 9, 10), torch.randn(B, 16, 5, 5), torch.randn(B, 16, 3, 3)]),
-        ("DyHead", DyHead(16, 2, backend=backend), lambda B: [torch.randn(B, 16, 6, 7), torch.randn(B, 16, 3, 4)]),
+        ("DyHead", DyHead(16, num_blocks=2, backend=backend),
+         lambda B: [torch.randn(B, 16, 6, 7), torch.randn(B, 16, 3, 4)]),
         ("UniCLLoss", UniCLLoss(backend=backend),
          lambda B: [torch.nn.functional.normalize(torch.randn(B, 8), dim=1) for _ in range(2)]),
     ]  # fmt: skip
@@ -289,7 +290,7 @@ def test_dyhead_pyramid_sizes_are_checked_with_the_callers_shapes():
     with pytest.raises(ValueError, match=r"x\[1\]: level 1 is 8x8, expected 9x9.*x\[0\] is 17x17"):
         blk([torch.randn(1, 16, 17, 17), torch.randn(1, 16, 8, 8)])
     with pytest.raises(ValueError, match=r"x\[2\]: level 2 is 3x4, expected 3x3"):
-        DyHead(16, 1)([torch.randn(1, 16, 10, 10), torch.randn(1, 16, 5, 5), torch.randn(1, 16, 3, 4)])
+        DyHead(16, num_blocks=1)([torch.randn(1, 16, 10, 10), torch.randn(1, 16, 5, 5), torch.randn(1, 16, 3, 4)])
     with pytest.raises(ValueError, match=r"x\[1\]: expected a \(B, C=16, H, W\) level, got \(1, 8, 5, 5\)"):
         blk([torch.randn(1, 16, 10, 10), torch.randn(1, 8, 5, 5)])
     with pytest.raises(ValueError, match=r"x\[1\]: expected batch 2"):

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from timm.models import swin_transformer as _v1
 from timm.models import swin_transformer_v2 as _v2
 
-from . import Patcher
 from ..ops.window_attention import window_attention
+from . import Patcher
 
 
 def _dropout(p: float, training: bool) -> float:
@@ -97,8 +97,10 @@ def unsupported() -> dict[type, str]:
     try:
         from timm.models import swin_transformer_v2_cr as cr
 
-        out[cr.SwinTransformerV2CrBlock] = "Swin V2 CR (timm's own V2 variant: post-norm scaled cosine attention with a " \
-            "different position-bias MLP and masking): not supported yet"  # fmt: skip
+        out[cr.SwinTransformerV2CrBlock] = (
+            "Swin V2 CR (timm's own V2 variant: post-norm scaled cosine attention with a different position-bias MLP "
+            "and masking): not supported yet"
+        )
     except ImportError:  # pragma: no cover
         pass
     return out

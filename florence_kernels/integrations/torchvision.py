@@ -22,9 +22,9 @@ from torchvision.models import swin_transformer as _swin
 from torchvision.models.video import swin_transformer as _swin3d
 from torchvision.ops import DeformConv2d
 
-from . import Patcher
 from ..ops.deform_conv import deform_conv2d
 from ..ops.window_attention import window_attention
+from . import Patcher
 
 
 def _project(self, x, qkv_bias, spatial):

@@ -473,7 +473,11 @@ CONTRASTIVE_LOSS = register_op(
 # --- public function ------------------------------------------------------------------------------------------------
 
 
-def _resolve_group(process_group):
+def _resolve_group(process_group, gather=None):
+    if gather is False:
+        if process_group is not None:
+            raise ValueError("process_group: given with gather=False (this rank's features only); pass one of them")
+        return None, False
     if process_group is not None:
         return process_group, True
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -483,7 +487,7 @@ def _resolve_group(process_group):
 
 def contrastive_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, labels: torch.Tensor | None = None, *,
-    process_group=None, backend: str | None = None,
+    process_group=None, gather: bool | None = None, backend: str | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """UniCL loss (CLIP's when labels is None), without materialising the N x N logits.
 
@@ -496,6 +500,9 @@ def contrastive_loss(
             torch.distributed is initialised with more than one rank). Each rank returns the loss of its own rows
             and columns against all samples; the mean over ranks (what DDP's gradient averaging optimises) equals
             the loss of the whole batch in one process, and so do the averaged gradients.
+        gather: False computes on the given features only, even where torch.distributed is initialised (callers that
+            gather themselves, e.g. open_clip's ClipLoss semantics in florence_kernels.integrations.open_clip);
+            None (default) as described under process_group.
         backend: None (automatic), "reference" (N x N logits), "torch" (tiled) or "triton" (fused tiles, CUDA).
 
     Returns:
@@ -530,7 +537,7 @@ def contrastive_loss(
             got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"labels: expected an int64 tensor of shape ({N},), got {got}")
         labels = labels.to(u.device)
-    group, distributed = _resolve_group(process_group)
+    group, distributed = _resolve_group(process_group, gather)
     name = CONTRASTIVE_LOSS.select([u, v], backend)
     if N == 0 and not distributed:  # the mean over no pairs, as open_clip's ClipLoss (cross_entropy) gives
         return (u.sum() + v.sum()) * logit_scale * 0 + float("nan")

@@ -808,7 +808,7 @@ def _check_pad_token(pad_token, conv, q):
     if pad_token is None:
         return None
     if conv.padding != "zeros":
-        raise ValueError(f"pad_token: convention {conv.name!r} masks padded tokens out; pad_token needs 'zeros' padding")
+        raise ValueError(f"pad_token: convention {conv.name!r} masks padded tokens out; pad_token needs 'zeros'")
     if not isinstance(pad_token, (tuple, list)) or len(pad_token) != 3:
         raise ValueError(f"pad_token: expected (q, k, v) rows, got {type(pad_token).__name__}")
     nh, hd = q.shape[-2:]

@@ -317,9 +317,10 @@ def native_plan(thw: tuple, g: Geometry, conv: WindowConvention, nominal: tuple,
     them (Swin's rule) on the grid they see: that must land on ``g``."""
     from .window_partition import resolve_geometry
 
-    if bias_index(g.window, nominal, conv.bias_index, device).tolist() != bias_index(
-        g.window, nominal, "coords", device
-    ).tolist():
+    if (
+        bias_index(g.window, nominal, conv.bias_index, device).tolist()
+        != bias_index(g.window, nominal, "coords", device).tolist()
+    ):
         return "none", f"the {conv.bias_index} bias index of window {g.window} is not the coordinates' index", None
     if resolve_geometry(thw, nominal, nominal_shift) == g and (conv.order == "pad_roll" or tuple(thw) == g.padded):
         if conv.padding == "mask" or tuple(thw) == g.padded:

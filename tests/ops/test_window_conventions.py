@@ -98,7 +98,8 @@ def _check_peer(kind, grid, backend, dtype):
     for name, a, r, p in zip(names, got, ref, plain, strict=True):
         scale = r.abs().max().item() if r.numel() else 0.0
         if dtype == torch.float64:
-            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12 * max(scale, 1.0), msg=lambda m: f"{name}: {m}")
+            atol = 1e-12 * max(scale, 1.0)
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
         else:
             # logit_scale's gradient is one sum over every score of the module (B nW nh N^2 terms), computed by the
             # peer over the scores and here over q's elements (d(q m)/dm): fp32 summation error, so 10x the floor
@@ -240,7 +241,8 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="logit_scale: expected a tensor of num_heads=2"):
         fk.window_attention(q, q, q, window_size=3, logit_scale=torch.zeros(3))
     with pytest.raises(ValueError, match="convention.order"):
-        fk.window_attention(q, q, q, window_size=3, convention=wc.WindowConvention("x", "roll", "mask", "swin", "coords"))
+        bad = wc.WindowConvention("x", "roll", "mask", "swin", "coords")
+        fk.window_attention(q, q, q, window_size=3, convention=bad)
 
 
 def test_empty_batch_under_every_convention():
