@@ -25,6 +25,7 @@ from .ops.window_attention import (
     bias_table_rows,
     window_attention,
 )
+from .ops.window_conventions import get_convention
 from .ops.window_partition import _as_triple, _check_window_args, resolve_geometry, window_partition, window_reverse
 
 PAD_MODES = ("mask", "zeros")
@@ -147,12 +148,16 @@ class WindowAttention3D(nn.Module):
     """W-MSA / SW-MSA with relative position bias on (B, T, H, W, C) grids, through ``window_attention``.
 
     window_size: (Wt, Wh, Ww), or (Wh, Ww) for 2-D Swin (Wt = 1). The bias table has
-    (2Wt-1)(2Wh-1)(2Ww-1) rows, Video Swin's layout (Swin's 2-D table when Wt = 1).
+    (2Wt-1)(2Wh-1)(2Ww-1) rows, Video Swin's layout (Swin's 2-D table when Wt = 1). convention: the geometry where
+    the window does not divide the grid (:func:`florence_kernels.window_attention`'s option: "florence", "timm",
+    "torchvision", "torchvision3d" or a WindowConvention); under "zeros" padding the padding tokens' q, k, v are the
+    projection's bias (the projection of a zero input), as in the peers.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, backend: str | None = None):  # fmt: skip
+                 proj_drop: float = 0.0, backend: str | None = None, convention="florence"):  # fmt: skip
         super().__init__()
+        self.convention = get_convention(convention)
         if dim % num_heads:
             raise ValueError(f"dim: {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads = dim, num_heads
@@ -183,6 +188,15 @@ class WindowAttention3D(nn.Module):
         shift = tuple(shift_size)
         _check_window_args(self.window_size, shift, 3)
         nh, hd = self.num_heads, self.head_dim
+        if self.convention.name != "florence":
+            qkv = self.qkv(x).view(B, T, H, W, 3, nh, hd)
+            bias = self.qkv.bias
+            pad = bias.view(3, nh, hd).unbind(0) if bias is not None and self.convention.padding == "zeros" else None
+            out = window_attention(*qkv.unbind(4), window_size=self.window_size, shift_size=shift,
+                                   rel_pos_bias=self.relative_position_bias_table, scale=self.scale,
+                                   dropout_p=self._dropout(), convention=self.convention, pad_token=pad,
+                                   backend=_op_backend("window_attention", self.backend))  # fmt: skip
+            return self.proj_drop(self.proj(out.reshape(B, T, H, W, C)))
         backend = self._backend(x)
         if backend == "torch":
             # Partition x once (C channels) before the projection instead of q, k and v after it (3C), and reverse
@@ -214,30 +228,34 @@ class SwinBlock3D(nn.Module):
     """Pre-norm Swin / Video Swin block: x + DropPath(W-MSA(LN(x))), then x + DropPath(MLP(LN(x))).
 
     Takes (B, T, H, W, C), or (B, H, W, C) with 2-value window/shift sizes. pad_mode "mask" (default) excludes
-    tokens in padding from attention; "zeros" is Swin's own behaviour (the normed input is zero-padded before the
-    projection, so padded tokens take part as keys), for parity with published checkpoints at sizes that do not
-    divide the window.
+    tokens in padding from attention; "zeros" zero-pads the normed input before the projection, so padded tokens take
+    part as keys (torchvision's 2-D geometry). ``convention`` (instead of pad_mode) names any peer's geometry exactly
+    (see :func:`florence_kernels.window_attention`): "timm" for timm's blocks, "torchvision" (= pad_mode "zeros"),
+    "torchvision3d" for torchvision's and Video Swin's 3-D blocks.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size=(2, 7, 7), shift_size=(0, 0, 0), mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  act_layer=nn.GELU, norm_layer=nn.LayerNorm, pad_mode: str = "mask",
-                 backend: str | None = None):  # fmt: skip
+                 backend: str | None = None, convention=None):  # fmt: skip
         super().__init__()
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode: expected one of {PAD_MODES}, got {pad_mode!r}")
+        if convention is not None and pad_mode != "mask":
+            raise ValueError(f"convention: give convention ({convention!r}) or pad_mode ({pad_mode!r}), not both")
         self.window_size = _triple("window_size", window_size, 1)
         self.shift_size = _triple("shift_size", shift_size, 0)
         _check_window_args(self.window_size, self.shift_size, 3)
         self.dim, self.pad_mode = dim, pad_mode
         self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention3D(dim, num_heads, self.window_size, qkv_bias, attn_drop, drop, backend)
+        self.attn = WindowAttention3D(dim, num_heads, self.window_size, qkv_bias, attn_drop, drop, backend,
+                                      convention if convention is not None else "florence")  # fmt: skip
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, drop, chunked=backend != "reference")
 
     def _attention(self, x):
-        if self.pad_mode == "mask":
+        if self.pad_mode == "mask":  # and any named convention: the op takes the geometry
             return self.attn(x, self.shift_size)
         B, T, H, W, C = x.shape
         g = resolve_geometry((T, H, W), self.window_size, self.shift_size)

@@ -322,3 +322,32 @@ def test_nn_is_an_attribute_of_the_package():
     code = ("import florence_kernels as fk; assert fk.nn.SwinBlock3D and fk.nn.DyHead; "
             "assert fk.testing.assert_close_to_reference and fk.gradcache")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("convention", ["timm", "torchvision3d"])
+def test_block_convention_option_is_the_peers_geometry(convention):
+    """SwinBlock3D(convention=...) at a size the window does not divide equals the peer's block with the same
+    weights: timm's SwinTransformerBlock (2-D, 10 x 9 map, window 4, shift 2) and torchvision's SwinTransformerBlock3d
+    (5 x 10 x 9 clip, window (2, 4, 4), shift (1, 2, 2))."""
+    torch.manual_seed(0)
+    if convention == "timm":
+        peer = timm_swin.SwinTransformerBlock(32, (10, 9), 2, window_size=4, shift_size=2).double().eval()
+        ours = SwinBlock3D(32, 2, window_size=(4, 4), shift_size=(2, 2), convention="timm").double().eval()
+        ours.load_state_dict(peer.state_dict(), strict=False)
+        x = torch.randn(2, 10, 9, 32, dtype=torch.float64)
+    else:
+        from torchvision.models.swin_transformer import SwinTransformerBlock
+        from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
+
+        peer = SwinTransformerBlock(32, 2, [2, 4, 4], [1, 2, 2], attn_layer=ShiftedWindowAttention3d).double().eval()
+        ours = SwinBlock3D(32, 2, window_size=(2, 4, 4), shift_size=(1, 2, 2), convention="torchvision3d")
+        sd = {k.replace("mlp.0", "mlp.fc1").replace("mlp.3", "mlp.fc2"): v for k, v in peer.state_dict().items()}
+        ours.double().eval().load_state_dict(sd, strict=False)
+        x = torch.randn(2, 5, 10, 9, 32, dtype=torch.float64)
+    missing = [k for k in ours.state_dict() if k not in {**peer.state_dict()} and "mlp" not in k]
+    assert not missing, missing
+    for backend in ("reference", "torch"):
+        ours.attn.backend = backend
+        torch.testing.assert_close(ours(x), peer(x), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="convention: give convention"):
+        SwinBlock3D(32, 2, pad_mode="zeros", convention="timm")
