@@ -1,6 +1,7 @@
 """``florence_kernels.patch`` on models people already train: a training step (forward, loss, backward) of the
-peer's model as it is against the same model patched (same weights; the automatic backends: the C++ CPU kernel here,
-Triton on a GPU; cuda-graph-free eager both ways). Time (``items_per_s``: samples per second) and peak memory.
+peer's model as it is against the same model patched (same weights; automatic backends: the C++ CPU kernel on CPUs
+with AVX-512, the torch path on others, Triton on a GPU; eager both ways) and, on CPU, patched onto the C++ kernel
+explicitly (``patched_cpp``). Time (``items_per_s``: samples per second) and peak memory.
 
     python -m benchmarks.bench_patch [--quick] [--device cpu|cuda] [--dtype fp32|bf16]
 
@@ -51,7 +52,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
 
 
 @functools.cache
-def _model(model: str, patched: bool, device: str, dtype: torch.dtype):
+def _model(model: str, patched, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     if model == "timm_swin_tiny":
         import timm
@@ -60,15 +61,18 @@ def _model(model: str, patched: bool, device: str, dtype: torch.dtype):
     else:
         import torchvision
 
-        m = torchvision.models.video.swin3d_t(stochastic_depth_prob=0.0)
+        m = torchvision.models.video.swin3d_t()
+        for sd in m.modules():  # no stochastic depth: both providers run every block (swin3d_t fixes its rate)
+            if isinstance(sd, torchvision.ops.StochasticDepth):
+                sd.p = 0.0
     m = m.to(device, dtype).train()
     if patched:
-        report = fk.patch(m)
+        report = fk.patch(m, backend=None if patched is True else patched)
         assert report.patched, str(report)
     return m
 
 
-def _step(patched: bool):
+def _step(patched):
     def fn(x, y, model):
         logits = _model(model, patched, x.device.type, x.dtype)(x)
         return torch.nn.functional.cross_entropy(logits.float(), y)
@@ -86,9 +90,15 @@ def _no_peer(device):
 
 
 def providers(device: str) -> list[Provider]:
+    def no_cpp(dev):
+        if dev != "cpu":
+            return "the C++ kernel is the CPU backend"
+        return _no_peer(dev) or "; ".join(fk.OPS["window_attention"].backends["cpp"].environment_reasons(dev)) or None
+
     return [
         Provider("unpatched", _step(False), unavailable=_no_peer, modes=("full",)),
-        Provider("patched", _step(True), unavailable=_no_peer, modes=("full",)),
+        Provider("patched", _step(True), unavailable=_no_peer, modes=("full",)),  # automatic backends
+        Provider("patched_cpp", _step("cpp"), unavailable=no_cpp, modes=("full",)),  # the C++ kernel wherever it can
     ]
 
 

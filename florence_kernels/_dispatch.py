@@ -92,6 +92,9 @@ class Backend:
     """One implementation of an op and what it supports.
 
     ``impl_reasons`` gives op-specific limits (sizes, layouts) as a list of strings for given inputs.
+    ``auto_reasons`` (same call) gives reasons the automatic choice passes this backend over although it can run the
+    input (it is measured slower there, e.g. on a CPU without the ISA its kernel is tuned for); an explicit request
+    still runs it.
     """
 
     name: str
@@ -99,6 +102,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     min_compute_capability: tuple[int, int] | None = None
     impl_reasons: Callable[..., list[str]] | None = field(default=None, compare=False)
+    auto_reasons: Callable[..., list[str]] | None = field(default=None, compare=False)
 
     def environment_reasons(self, device_type: str) -> list[str]:
         """Why this backend cannot run on ``device_type`` in this process, whatever the input."""
@@ -172,7 +176,10 @@ class Op:
         for name in AUTO_ORDER.get(device_type, ("torch",)):
             if name not in self.backends:
                 continue
-            reasons = self.backends[name].not_supported_reasons(tensors, **kwargs)
+            candidate = self.backends[name]
+            reasons = candidate.not_supported_reasons(tensors, **kwargs)
+            if not reasons and candidate.auto_reasons is not None:
+                reasons = candidate.auto_reasons(*tensors, **kwargs)
             if not reasons:
                 return name
             logger.debug("%s: skipping backend %s: %s", self.name, name, "; ".join(reasons))

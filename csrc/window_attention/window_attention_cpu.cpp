@@ -9,7 +9,10 @@
 // much as the arithmetic of a whole Swin-T stage-1 attention.
 //
 // The products use a register-tiled fp32 micro-kernel (4 x 16 tiles) compiled for AVX-512, AVX2+FMA and baseline
-// x86-64 and picked at load time (GCC target_clones); ~95 GFLOP/s per EPYC core at 49 x 49 x 32.
+// x86-64 and picked at load time (GCC target_clones); ~95 GFLOP/s per EPYC core at 49 x 49 x 32. The AVX2+FMA
+// clone is named by ISA level (x86-64-v3: AVX2, FMA, BMI, F16C...), which the resolver checks feature by feature;
+// "arch=haswell" was dispatched by CPU model (__builtin_cpu_is), so every CPU that is not an Intel Haswell, AMD EPYC
+// without AVX-512 included, ran the baseline SSE2 clone: 4-6x slower (2026-11-30, AMD EPYC with AVX2).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,8 +26,10 @@
 #include "window_attention_geometry.h"
 #include "../common/format.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FK_CPU_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
+#define FK_CPU_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))  // no ISA-level dispatch before 12
 #else
 #define FK_CPU_CLONES
 #endif
@@ -69,11 +74,21 @@ FK_ALWAYS_INLINE void gemm_tile(int64_t K, float alpha, const float* A, int64_t 
 
 // C[0:M, 0:N] = alpha * A[0:M, 0:K] B[0:K, 0:N], K exact. M is rounded up to 4 and N to 16: rows/columns past M/N are
 // computed from (finite) scratch contents and ignored by the callers, whose buffers hold round_up(., 16) of both.
+// The 4 x 32 tile's accumulators are 8 zmm under AVX-512 but 16 ymm under AVX2, all of its registers: there it spills
+// on every k (measured 2026-11-30 on an AMD EPYC with AVX2: the kernel 4x slower than the reference). Without
+// AVX-512 the 4 x 16 tile only (8 ymm accumulators, 2 for B).
 FK_CPU_CLONES void gemm_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t a_rs, int64_t a_ks,
                             const float* B, int64_t ldb, float* C, int64_t ldc) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool wide_tiles = __builtin_cpu_supports("avx512f");
+#else
+  constexpr bool wide_tiles = false;  // NEON / baseline: 16-wide vectors are four registers already
+#endif
   for (int64_t i = 0; i < M; i += 4) {
     int64_t j = 0;
-    for (; j + 32 <= N; j += 32) gemm_tile<4, 2>(K, alpha, A + i * a_rs, a_rs, a_ks, B + j, ldb, C + i * ldc + j, ldc);
+    if (wide_tiles)
+      for (; j + 32 <= N; j += 32)
+        gemm_tile<4, 2>(K, alpha, A + i * a_rs, a_rs, a_ks, B + j, ldb, C + i * ldc + j, ldc);
     for (; j < N; j += 16) gemm_tile<4, 1>(K, alpha, A + i * a_rs, a_rs, a_ks, B + j, ldb, C + i * ldc + j, ldc);
   }
 }

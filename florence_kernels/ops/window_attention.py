@@ -684,6 +684,17 @@ def _triton_limits(q, k, v, *, dropout_p=0.0, native_reason=None, **_) -> list[s
     return reasons
 
 
+def _cpp_auto_reasons(q, k, v, **_) -> list[str]:
+    """The kernel's micro-GEMM is tuned for AVX-512 (4 x 32 tiles in 8 zmm). With AVX2 only it runs 4 x 16 tiles and
+    loses to the torch path: Swin-T stage 1, B = 8, fwd+bwd, 2026-11-30 on an AMD EPYC with AVX2, 219 ms against
+    104 ms (and a patched timm swin_tiny training step 3.33 s against 2.96 s). The automatic choice takes torch
+    there; backend="cpp" still runs the kernel."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return []
+    return [f"this CPU has no AVX-512 ({capability}): the torch path is faster than the fused CPU kernel here"]
+
+
 def _cpp_limits(q, k, v, *, dropout_p=0.0, native_reason=None, **_) -> list[str]:
     reasons = ["attention dropout is not fused (dropout_p > 0)"] if dropout_p > 0 else []
     return reasons + ([native_reason] if native_reason else [])
@@ -695,7 +706,7 @@ WINDOW_ATTENTION = register_op(
         {
             "reference": Backend("reference", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
             "torch": Backend("torch", ("cpu", "cuda"), (*_FLOATS, torch.float64)),
-            "cpp": Backend("cpp", ("cpu",), _FLOATS, impl_reasons=_cpp_limits),
+            "cpp": Backend("cpp", ("cpu",), _FLOATS, impl_reasons=_cpp_limits, auto_reasons=_cpp_auto_reasons),
             "triton": Backend("triton", ("cuda",), _FLOATS, (8, 0), impl_reasons=_triton_limits),
         },
     )
@@ -835,14 +846,17 @@ def _window_attention_convention(q, k, v, window, shift, rel_pos_bias, scale, dr
     if logit_scale is not None:  # cosine: normalised q times the head's multiplier, normalised k, scale 1
         q, k, pad_token = wc.cosine_prologue(q, k, logit_scale, pad_token)
         scale = 1.0
-    if name == "torch":
+    if name == "torch" and kind == "none":  # the general gather path: any geometry
         return wc.window_attention_torch(q, k, v, window, shift, rel_pos_bias, scale, conv, pad_token, dropout_p)
     if kind == "arrange":
         q, k, v = (wc.arrange(x, i, pad_token, gather, g.padded) for i, x in enumerate((q, k, v)))
     if name == "triton" and any(t.stride(-1) != 1 for t in (q, k, v)):
         q, k, v = (t.contiguous() if t.stride(-1) != 1 else t for t in (q, k, v))
-    op = _wattn_cpp_fwd_op if name == "cpp" else _wattn_triton_fwd_op
-    out = op(q, k, v, rel_pos_bias, list(window), list(shift), scale)[0]
+    if name == "torch":  # the native torch path (one fused partition per tensor) on the arranged grid
+        out = window_attention_torch(q, k, v, window, shift, rel_pos_bias, scale, dropout_p)
+    else:
+        op = _wattn_cpp_fwd_op if name == "cpp" else _wattn_triton_fwd_op
+        out = op(q, k, v, rel_pos_bias, list(window), list(shift), scale)[0]
     return wc.unarrange(out, inverse, thw) if kind == "arrange" else out
 
 
