@@ -355,5 +355,5 @@ def arrange(x, i, pad_token, gather, padded):
 
 def unarrange(out, inverse, thw):
     """(B, Tp, Hp, Wp, nh, hd) -> (B, T, H, W, nh, hd): each real token's output."""
-    B, nh, hd = out.shape[0], out.shape[-2], out.shape[-1]
-    return out.reshape(B, -1, nh, hd)[:, inverse].view(B, *thw, nh, hd)
+    B, Tp, Hp, Wp, nh, hd = out.shape
+    return out.reshape(B, Tp * Hp * Wp, nh, hd)[:, inverse].view(B, *thw, nh, hd)
