@@ -686,8 +686,8 @@ def _triton_limits(q, k, v, *, dropout_p=0.0, native_reason=None, **_) -> list[s
 
 def _cpp_auto_reasons(q, k, v, **_) -> list[str]:
     """The kernel's micro-GEMM is tuned for AVX-512 (4 x 32 tiles in 8 zmm). With AVX2 only it runs 4 x 16 tiles and
-    loses to the torch path: Swin-T stage 1, B = 8, fwd+bwd, 2026-11-30 on an AMD EPYC with AVX2, 219 ms against
-    104 ms (and a patched timm swin_tiny training step 3.33 s against 2.96 s). The automatic choice takes torch
+    loses to the torch path: Swin-T stage 1, B = 8, fwd+bwd, 2026-11-30 on an AMD EPYC with AVX2, 219-229 ms against
+    104-114 ms (a patched timm swin_tiny training step: 3.33 s against 2.96 s). The automatic choice takes torch
     there; backend="cpp" still runs the kernel."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
