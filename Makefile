@@ -58,8 +58,8 @@ PYG := $(VENV_GPU)/bin/python
 # CI's 60 minutes on 2 cores cannot hold the suite twice. Left to .venv as well, measured in .venv-gpu on the 2-core
 # VM: the contract tests of the two huge configs (100 s each: building 600M parameters, no kernel of its own) and
 # window attention's non-contiguous edge sweep under the interpreter (188 s; the same kernels run in the other
-# window-attention tests here). From a clean clone on the 2-core VM, 2026-11-30: 714 s with the venv and the build
-# (the first environment, make test: 1802 s), with warm Triton caches; a cold 3.6 cache adds its sm_90 compile.
+# window-attention tests here). From a clean clone on the 2-core VM, 2026-11-30 (issue 15): 866 s with the venv and the build
+# (the first environment, make test: 1791 s), with warm Triton caches; a cold 3.6 cache adds its sm_90 compile.
 GPU_ENV_TESTS := tests/test_dispatch.py tests/test_optional.py tests/test_build.py tests/test_triton_aot.py \
 	tests/test_models.py tests/test_tokenizer.py tests/data tests/test_benchmark_harness.py tests/test_info_readme.py
 
