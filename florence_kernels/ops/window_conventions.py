@@ -109,11 +109,10 @@ def _axis_source(length: int, padded: int, shift: int, order: str):
 
 
 def _regions(padded: int, window: int, shift: int) -> torch.Tensor:
-    """Swin's shift-mask region of each shifted position on one axis (slices of the padded size)."""
-    j = torch.arange(padded)
-    if shift == 0:
-        return torch.zeros_like(j)
-    return (j >= padded - window).long() + (j >= padded - shift).long()
+    """Swin's shift-mask region of each shifted position on one axis (window_attention's rule, on CPU)."""
+    from .window_attention import _axis_regions
+
+    return _axis_regions(padded, window, shift, torch.device("cpu"))
 
 
 def _windows(x: torch.Tensor, g: Geometry) -> torch.Tensor:
@@ -139,9 +138,7 @@ def window_plan(thw: tuple, g: Geometry, conv: WindowConvention, device: torch.d
     flat = t.view(-1, 1, 1) * (H * W) + h.view(1, -1, 1) * W + w.view(1, 1, -1)
     flat = torch.where(real, flat, torch.full_like(flat, L))
     gather, real_w = _windows(flat, g).reshape(-1), _windows(real, g)
-    inverse = torch.empty(L, dtype=torch.long)
-    positions = torch.arange(gather.numel())
-    inverse[gather[gather < L]] = positions[gather < L]
+    inverse = _inverse(gather, L)
     mask = None
     if any(g.shift) or (conv.padding == "mask" and L != Tp * Hp * Wp):
         regions = _windows(
@@ -202,6 +199,20 @@ def _pad_rows(pad_token, i, x):
     if pad_token is None or pad_token[i] is None:
         return x.new_zeros(1, 1, *x.shape[-2:])
     return pad_token[i].to(x.dtype).reshape(1, 1, *x.shape[-2:])
+
+
+def _token_table(x, i, pad_token):
+    """(B, T*H*W + 1, nh, hd): the grid's tokens and, last, padding token i (the row a gather index L points to)."""
+    B, T, H, W, nh, hd = x.shape
+    return torch.cat([x.reshape(B, T * H * W, nh, hd), _pad_rows(pad_token, i, x).expand(B, 1, nh, hd)], 1)
+
+
+def _inverse(gather: torch.Tensor, L: int) -> torch.Tensor:
+    """(L,) the position in ``gather`` of each real token 0..L-1 (each appears exactly once)."""
+    inverse = torch.empty(L, dtype=torch.long)
+    real = gather < L
+    inverse[gather[real]] = torch.arange(gather.numel())[real]
+    return inverse
 
 
 # --- reference: the literal code path of each convention ------------------------------------------------------------
@@ -290,8 +301,7 @@ def window_attention_torch(q, k, v, window_size, shift_size, rel_pos_bias, scale
     N, n_win = g.tokens_per_window, g.num_windows
 
     def to_windows(x, i):  # (B, nW, nh, N, hd)
-        rows = torch.cat([x.reshape(B, T * H * W, nh, hd), _pad_rows(pad_token, i, x).expand(B, 1, nh, hd)], 1)
-        return rows[:, gather].view(B, n_win, N, nh, hd).transpose(2, 3)
+        return _token_table(x, i, pad_token)[:, gather].view(B, n_win, N, nh, hd).transpose(2, 3)
 
     term = None
     if rel_pos_bias is not None:
@@ -340,17 +350,14 @@ def native_plan(thw: tuple, g: Geometry, conv: WindowConvention, nominal: tuple,
     real = rt.view(-1, 1, 1) & rh.view(1, -1, 1) & rw.view(1, 1, -1)
     flat = t.view(-1, 1, 1) * (H * W) + h.view(1, -1, 1) * W + w.view(1, 1, -1)
     gather = torch.where(real, flat, torch.full_like(flat, T * H * W)).reshape(-1)
-    inverse = torch.empty(T * H * W, dtype=torch.long)
-    positions = torch.arange(gather.numel())
-    inverse[gather[gather < T * H * W]] = positions[gather < T * H * W]
+    inverse = _inverse(gather, T * H * W)
     return "arrange", gather.to(device), inverse.to(device)
 
 
 def arrange(x, i, pad_token, gather, padded):
     """(B, T, H, W, nh, hd) -> (B, Tp, Hp, Wp, nh, hd): rows of x and the padding token i, by ``gather``."""
-    B, T, H, W, nh, hd = x.shape
-    rows = torch.cat([x.reshape(B, T * H * W, nh, hd), _pad_rows(pad_token, i, x).expand(B, 1, nh, hd)], 1)
-    return rows[:, gather].view(B, *padded, nh, hd)
+    B, nh, hd = x.shape[0], x.shape[-2], x.shape[-1]
+    return _token_table(x, i, pad_token)[:, gather].view(B, *padded, nh, hd)
 
 
 def unarrange(out, inverse, thw):
