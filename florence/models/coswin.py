@@ -18,17 +18,20 @@ from florence_kernels.nn import ConvEmbed, SwinBlock3D
 
 
 class CoSwinStage(nn.Module):
-    """``depth`` Swin blocks at one resolution, regular and shifted windows alternating (shift = window // 2)."""
+    """``depth`` Swin blocks at one resolution, regular and shifted windows alternating (shift = window // 2 on every
+    axis). window_size: an int (a square 2-D window, CoSwin) or a (Wt, Wh, Ww) triple (Video CoSwin)."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, drop_path: Sequence[float],
-                 mlp_ratio: float, drop: float, attn_drop: float, backend: str | None):  # fmt: skip
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int | Sequence[int],
+                 drop_path: Sequence[float], mlp_ratio: float, drop: float, attn_drop: float,
+                 backend: str | None):  # fmt: skip
         super().__init__()
+        window = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
         self.blocks = nn.ModuleList(
             SwinBlock3D(
                 dim,
                 num_heads,
-                (window_size, window_size),
-                (0, 0) if i % 2 == 0 else (window_size // 2, window_size // 2),
+                window,
+                tuple(0 for _ in window) if i % 2 == 0 else tuple(w // 2 for w in window),
                 mlp_ratio,
                 drop=drop,
                 attn_drop=attn_drop,
@@ -81,6 +84,8 @@ class CoSwin(nn.Module):
             if d % h:
                 raise ValueError(f"num_heads[{i}] = {h} does not divide stage {i + 1}'s {d} channels")
         self.depths, self.num_heads, self.window_sizes, self.dims = depths, num_heads, windows, dims
+        self.config = {"embed_dim": embed_dim, "depths": list(depths), "num_heads": list(num_heads),
+                       "window_size": list(windows), "in_chans": in_chans, "mlp_ratio": mlp_ratio}  # fmt: skip
         self.num_features = dims[-1]
         self.backend = backend
         n = sum(depths)
