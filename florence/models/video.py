@@ -319,3 +319,44 @@ def create_video_coswin(name: str, **overrides) -> VideoCoSwin:
     windows = [windows] * len(vision["depths"]) if isinstance(windows, int) else windows
     vision["window_size"] = default_video_windows(windows)
     return VideoCoSwin(**(vision | overrides))
+
+
+def load_florence(path: str, map_location: str | torch.device = "cpu", **overrides):
+    """A pretrained :class:`florence.models.Florence` from ``path``: a ``save_pretrained`` folder (config.json +
+    model.safetensors), or a ``florence.train`` checkpoint: its run folder, its ``checkpoints`` folder or one tag
+    folder (``.../checkpoints/step0000400``), any ZeRO stage. The architecture comes from the run's config.json
+    (model name and overrides). Raises FileNotFoundError for a path that is neither, ValueError for weights that do
+    not match the architecture (naming the keys)."""
+    import json
+    import os
+
+    from .factory import create_model
+    from .florence import CONFIG_NAME, WEIGHTS_NAME, Florence, load_state_dict_strict
+
+    path = os.path.normpath(path)
+    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        return Florence.from_pretrained(path, map_location=map_location, **overrides)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest"), encoding="utf-8") as f:
+            path = os.path.join(path, f.read().strip())
+    ckpt_dir, tag = os.path.split(path)
+    run_cfg = os.path.join(os.path.dirname(ckpt_dir), CONFIG_NAME)
+    states = os.path.join(path, "mp_rank_00_model_states.pt")
+    if not (os.path.isfile(states) and os.path.isfile(run_cfg)):
+        raise FileNotFoundError(f"path: {path} is neither a save_pretrained folder ({WEIGHTS_NAME} + {CONFIG_NAME}) "
+                                "nor a florence.train run, checkpoints folder or checkpoint tag")  # fmt: skip
+    with open(run_cfg, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if cfg.get("task", "pretrain") != "pretrain":
+        raise ValueError(f"path: {path} is a checkpoint of task {cfg['task']!r}; --init takes a pretrained Florence")
+    model = create_model(cfg["model"], **(cfg.get("model_overrides") or {}), **overrides)
+    module = torch.load(states, map_location=map_location, weights_only=False)["module"]
+    if any(v.numel() == 0 for v in module.values()):  # ZeRO-3: parameters live in the partitioned optimizer files
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    state = {k[len("model.") :]: v for k, v in module.items() if k.startswith("model.")}
+    load_state_dict_strict(model, state, source=path)
+    return model
