@@ -1,7 +1,15 @@
-"""Florence pretraining: DeepSpeed ZeRO, activation checkpointing, mixed precision, gradient cache, DALI input.
+"""Florence training, one loop for every task: DeepSpeed ZeRO, activation checkpointing, mixed precision, gradient
+cache, DALI input.
 
     torchrun --nproc_per_node 2 -m florence.train --config configs/demo.yaml [--set key=value ...]
+    torchrun --nproc_per_node 2 -m florence.train --config configs/video.yaml --init runs/demo
     deepspeed --num_gpus 8 -m florence.train --config configs/base.yaml       (any launcher that sets RANK etc.)
+
+``task`` picks what is trained (florence.tasks: "pretrain", the default, described below; "video", Video CoSwin
+classification); every task shares this module's config, engine, schedule, checkpoints and resume, progress,
+metrics, curves and evaluation at intervals, and supplies its model, loader, loss and evaluator. ``--init PATH``
+(config key ``init``) starts the task from a pretrained Florence: a ``save_pretrained`` folder or a run,
+checkpoints folder or checkpoint tag of this module (florence.models.load_florence).
 
 Without a GPU it runs on DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, set here when no GPU is present) with
 gloo. Config keys (YAML or JSON; ``--set a.b=v`` overrides, v parsed as YAML) and their defaults are in DEFAULTS.
@@ -41,6 +49,8 @@ import torch
 from florence_kernels._io import atomic_write, atomic_write_text
 
 DEFAULTS = {
+    "task": "pretrain",  # florence.tasks.TASKS: pretrain | video
+    "init": None,  # a pretrained Florence to start from (save_pretrained folder or a florence.train checkpoint)
     "model": "florence_cpu_demo",
     "model_overrides": {},
     "backend": None,  # florence_kernels backend for every op (None: automatic)
@@ -60,6 +70,17 @@ DEFAULTS = {
     "output_dir": "runs/florence",
     "resume": True,
     "log_interval": 1,
+    # task "video" (florence.tasks.video): clips of `frames` frames `frame_stride` apart at data.image_size pixels
+    "video": {
+        "frames": 8,
+        "frame_stride": 2,
+        "window_size": None,
+        "num_classes": None,
+        "dropout": 0.5,
+        "label_smoothing": 0.1,
+        "frame_mode": "clip",
+        "drop_path_rate": None,
+    },  # fmt: skip
 }
 
 
@@ -98,6 +119,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> dict:
         raise ValueError(f"precision: expected fp32, bf16 or fp16, got {cfg['precision']!r}")
     if cfg["zero_stage"] not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {cfg['zero_stage']!r}")
+    from florence.tasks import get_task
+
+    get_task(cfg["task"])  # ValueError naming the known tasks
     if not cfg["data"].get("shards"):
         raise ValueError("data.shards: the curated shard folder (python -m florence.data.curate) is required")
     return cfg
@@ -160,7 +184,9 @@ def lr_lambda(cfg):
     return f
 
 
-def build_engine(cfg, model, world, device):
+def build_engine(cfg, model, world, device, wrapper=None, no_decay_names=None):
+    """DeepSpeed's engine over ``wrapper`` (default: TrainWrapper(model)); AdamW without weight decay on
+    ``no_decay_names`` (names in ``model``; default: model.no_weight_decay_names())."""
     from florence.optional import require
 
     deepspeed = require("deepspeed", "florence.train")
@@ -170,8 +196,10 @@ def build_engine(cfg, model, world, device):
     if cfg["batch_size"] % world or per_rank % chunk:
         raise ValueError(f"batch_size {cfg['batch_size']}: must split evenly over {world} ranks and into chunks of "
                          f"chunk_size {cfg['chunk_size']}")  # fmt: skip
-    wrapper = TrainWrapper(model)
-    no_decay = {f"model.{n}" for n in model.no_weight_decay_names()}
+    wrapper = TrainWrapper(model) if wrapper is None else wrapper
+    names = model.no_weight_decay_names() if no_decay_names is None else no_decay_names
+    prefix = next((f"{n}." for n, m in wrapper.named_modules() if m is model and n), "")
+    no_decay = {prefix + n for n in names}
     decay_p = [p for n, p in wrapper.named_parameters() if n not in no_decay]
     plain_p = [p for n, p in wrapper.named_parameters() if n in no_decay]
     o = cfg["optimizer"]
@@ -244,11 +272,9 @@ def train_step(engine, images, tokens, labels, chunk, autocast, backend):
 
 
 def _global_mean(x: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        x /= torch.distributed.get_world_size()
-    return x
+    from florence.tasks import global_mean
+
+    return global_mean(x)
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -373,7 +399,8 @@ def _line_step(line):
         return None
 
 
-def plot_loss(metrics_path: str, out_path: str) -> None:
+def plot_loss(metrics_path: str, out_path: str, eval_key: str = "zero_shot_top1", loss_label: str = "UniCL loss"
+              ) -> None:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -384,16 +411,17 @@ def plot_loss(metrics_path: str, out_path: str) -> None:
         with open(metrics_path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["zero_shot_top1"]) for r in rows if "zero_shot_top1" in r]
+    evals = [(r["step"], r[eval_key]) for r in rows if eval_key in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot([t[0] for t in train], [t[1] for t in train], label="UniCL loss", lw=1)
+        ax.plot([t[0] for t in train], [t[1] for t in train], label=loss_label, lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if evals:
         ax2 = ax.twinx()
-        ax2.plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="tab:green", label="zero-shot top-1")
-        ax2.set_ylabel("zero-shot top-1")
+        label = eval_key.replace("_", " ").replace("top1", "top-1")
+        ax2.plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="tab:green", label=label)
+        ax2.set_ylabel(label)
         ax2.set_ylim(0, 1)
     fig.legend(loc="upper right")
     fig.tight_layout()
@@ -414,8 +442,9 @@ def run(cfg: dict) -> dict:
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.manual_seed(cfg["seed"])
-    import florence
-    from florence.data.loader import make_loader
+    from florence.tasks import get_task
+
+    task = get_task(cfg["task"])(cfg, device)
 
     out_dir = cfg["output_dir"]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -436,20 +465,15 @@ def run(cfg: dict) -> dict:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device, dtype=amp_dtype)
 
-    model = florence.create_model(cfg["model"], **cfg["model_overrides"], backend=cfg["backend"])
+    model = task.build_model()
     model.set_grad_checkpointing(bool(cfg["activation_checkpointing"]))
-    engine, per_rank, chunk = build_engine(cfg, model, world, device)
+    engine, per_rank, chunk = build_engine(cfg, model, world, device, task.wrap(model), task.no_weight_decay(model))
     step = load_checkpoint(engine, ckpt_dir, rank) if cfg["resume"] else 0
-    context = model.text.context_length
-    d = cfg["data"]
-    kw = dict(rank=rank, world_size=world, seed=cfg["seed"], train=True, drop_last=True, context_length=context)
-    loader = make_loader(d["shards"], per_rank, d["image_size"], backend=d["loader"],
-                         **kw, **({"split": "global_batch", "num_workers": d.get("num_workers", 1)}
-                                  if _loader_kind(d["loader"]) == "torch" else {}))  # fmt: skip
+    loader = task.make_loader(rank, world, per_rank)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {cfg['batch_size']}: larger than one epoch of {d['shards']}")
-    eval_set = load_eval_set(d["eval"], d["image_size"]) if d.get("eval") else None
+        raise ValueError(f"batch_size {cfg['batch_size']}: larger than one epoch of {cfg['data']['shards']}")
+    eval_set = task.load_eval()
     metrics = Metrics(os.path.join(out_dir, "metrics.jsonl"), step, rank == 0)
     bar = None
     if rank == 0:
@@ -467,9 +491,7 @@ def run(cfg: dict) -> dict:
                 break
             t0 = time.time()
             lr = engine.get_lr()[0]  # the rate this step runs at: train_step steps the scheduler to the next one
-            images = batch["images"].to(device)
-            tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-            loss = train_step(engine, images, tokens, labels, chunk, autocast, cfg["backend"])
+            loss = task.train_step(engine, batch, chunk, autocast)
             step += 1
             if delay:
                 time.sleep(delay)
@@ -478,9 +500,9 @@ def run(cfg: dict) -> dict:
             ips = seen / (time.time() - t_start)
             if step % cfg["log_interval"] == 0 or step == cfg["steps"]:
                 metrics.log(step=step, epoch=epoch, loss=loss.item(), lr=lr, step_seconds=dt,
-                            images_per_s=ips)  # fmt: skip
+                            **{f"{task.unit}_per_s": ips})  # fmt: skip
             if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{ips:.0f}")
+                bar.set_postfix({"loss": f"{loss.item():.3f}", f"{task.unit[:3]}_s": f"{ips:.0f}"})
                 bar.update(1)
             if (
                 eval_set is not None
@@ -488,7 +510,7 @@ def run(cfg: dict) -> dict:
                 and step % cfg["eval_interval"] == 0
                 and step < cfg["steps"]
             ):
-                last_eval = evaluate(engine, eval_set, context, autocast, device)
+                last_eval = task.evaluate(engine, eval_set, autocast)
                 metrics.log(step=step, **last_eval)
                 if bar is not None:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items()))
@@ -500,12 +522,15 @@ def run(cfg: dict) -> dict:
     final = {"step": step, "train_seconds": round(time.time() - t_start, 1), "world_size": world,
              "precision": precision, "zero_stage": cfg["zero_stage"],
              "peak_rss_mb_per_rank": _peak_rss_per_rank(world)}  # fmt: skip
+    final["task"] = cfg["task"]
     if eval_set is not None:
-        final.update(evaluate(engine, eval_set, context, autocast, device))
-        metrics.log(step=step, **{k: v for k, v in final.items() if k.startswith(("zero_shot", "i2t", "t2i"))})
+        scores = task.evaluate(engine, eval_set, autocast)
+        final.update(scores)
+        metrics.log(step=step, **scores)
     if rank == 0:
         final["metrics"] = os.path.join(out_dir, "metrics.jsonl")
-        plot_loss(final["metrics"], os.path.join(out_dir, "loss_curve.png"))
+        plot_loss(final["metrics"], os.path.join(out_dir, "loss_curve.png"), task.eval_key,
+                  "UniCL loss" if cfg["task"] == "pretrain" else "loss")  # fmt: skip
         final["loss_curve"] = os.path.join(out_dir, "loss_curve.png")
         with open(os.path.join(ckpt_dir, "latest"), encoding="utf-8") as f:
             final["checkpoint"] = os.path.join(ckpt_dir, f.read().strip())
@@ -536,25 +561,29 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML or JSON file (keys: see florence.train.DEFAULTS)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optimizer.lr=1e-3")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="PATH",
+        help="start from a pretrained Florence: a save_pretrained folder or a florence.train run/checkpoint",
+    )
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set + ([f"init={args.init}"] if args.init else []))
     from florence.optional import MissingOptionalDependency, require
+    from florence.tasks import get_task
 
+    task = get_task(cfg["task"])
     try:  # before any process group or data: a missing package is one line, not a traceback per rank
-        require("deepspeed", "florence.train")
-        require("open_clip", "florence.train (its loaders tokenize the captions)")
+        for name in task.requires:
+            require(name, f"florence.train (task {cfg['task']})")
     except MissingOptionalDependency as e:
         print(f"florence.train: {e}", file=sys.stderr)
         return 2
     final = run(cfg)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:
-        if "zero_shot_top1" in final:
-            print(f"zero-shot top-1: {100 * final['zero_shot_top1']:.1f}%  top-5: {100 * final['zero_shot_top5']:.1f}%")
-        if "i2t_r1" in final:
-            print(
-                f"retrieval recall@1 image->text {100 * final['i2t_r1']:.1f}%, text->image {100 * final['t2i_r1']:.1f}%"
-            )
+        for line in task(cfg, "cpu").report(final):
+            print(line)
         print(f"loss curve: {final['loss_curve']}")
         print(f"checkpoint: {final['checkpoint']}")
         print(f"final metrics: {os.path.join(cfg['output_dir'], 'final_metrics.json')}")
