@@ -1,6 +1,6 @@
 """Optional packages: what needs each, how to install it, and one clear error where it is absent.
 
-florence_kernels needs torch, einops and numpy only. Three parts of florence need a package that the GPU machine we
+florence_kernels needs torch, einops and numpy only. Four parts of florence need a package that the GPU machine we
 target (torch 2.11, triton 3.6; see requirements-gpu-machine.txt) does not have:
 
 - ``open_clip``: CLIP's BPE tokenizer (``florence.Tokenizer``), hence curation (it counts BPE tokens to fit captions
@@ -11,6 +11,8 @@ target (torch 2.11, triton 3.6; see requirements-gpu-machine.txt) does not have:
 - ``deepspeed``: ``florence.train`` (its engine, ZeRO, checkpoints).
 - ``dali``: ``DaliLoader`` (NVIDIA DALI's decoding and augmentation); ``make_loader(backend="auto")`` falls back to
   the PyTorch loader without it.
+- ``av`` (PyAV): ``florence.data.video`` (writing clips, decoding any codec FFmpeg reads, checking videos in
+  curation) and the built-in ``moving_digits`` variant, which it encodes as VP9.
 
 ``missing(name)`` says why a package cannot be used (None when it can); ``require(name, who)`` imports it or raises
 :class:`MissingOptionalDependency` (an ImportError) naming who needs it and the pinned install command. Tests skip
@@ -28,6 +30,8 @@ PACKAGES = {
                   "CLIP's BPE tokenizer (its vocabulary ships in open_clip's wheel)"),
     "deepspeed": ("deepspeed", "deepspeed==0.19.8", "florence.train's engine (ZeRO, mixed precision, checkpoints)"),
     "dali": ("nvidia.dali", "nvidia-dali-cuda130==2.4.0", "the DALI input pipeline"),
+    "av": ("av", "av==18.0.0",
+           "video files: PyAV's encoders (built-in clips) and decoders (any codec FFmpeg reads)"),
 }  # fmt: skip
 
 
@@ -37,7 +41,7 @@ class MissingOptionalDependency(ImportError):
 
 @functools.cache
 def missing(name: str) -> str | None:
-    """None when the optional package ``name`` ("open_clip", "deepspeed", "dali") imports, else why it does not.
+    """None when the optional package ``name`` ("open_clip", "deepspeed", "dali", "av") imports, else why it does not.
 
     Raises ValueError for an unknown name. The import is tried once per process (a broken install, e.g. DALI
     without its CUDA libraries, counts as missing, with its error in the reason).
