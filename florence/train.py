@@ -502,7 +502,9 @@ def run(cfg: dict) -> dict:
                 metrics.log(step=step, epoch=epoch, loss=loss.item(), lr=lr, step_seconds=dt,
                             **{f"{task.unit}_per_s": ips})  # fmt: skip
             if bar is not None:
-                bar.set_postfix({"loss": f"{loss.item():.3f}", f"{task.unit[:3]}_s": f"{ips:.0f}"})
+                bar.set_postfix(
+                    {"loss": f"{loss.item():.3f}", {"images": "img_s"}.get(task.unit, f"{task.unit}_s"): f"{ips:.0f}"}
+                )
                 bar.update(1)
             if (
                 eval_set is not None

@@ -343,8 +343,9 @@ def load_florence(path: str, map_location: str | torch.device = "cpu", **overrid
             path = os.path.join(path, f.read().strip())
     ckpt_dir, tag = os.path.split(path)
     run_cfg = os.path.join(os.path.dirname(ckpt_dir), CONFIG_NAME)
-    states = os.path.join(path, "mp_rank_00_model_states.pt")
-    if not (os.path.isfile(states) and os.path.isfile(run_cfg)):
+    states = os.path.join(path, "mp_rank_00_model_states.pt")  # ZeRO 0-2 (ZeRO-3: zero_pp_rank_*_mp_rank_00_...)
+    zero3 = os.path.isdir(path) and any(f.startswith("zero_pp_rank_") for f in os.listdir(path))
+    if not ((os.path.isfile(states) or zero3) and os.path.isfile(run_cfg)):
         raise FileNotFoundError(f"path: {path} is neither a save_pretrained folder ({WEIGHTS_NAME} + {CONFIG_NAME}) "
                                 "nor a florence.train run, checkpoints folder or checkpoint tag")  # fmt: skip
     with open(run_cfg, encoding="utf-8") as f:
@@ -352,11 +353,12 @@ def load_florence(path: str, map_location: str | torch.device = "cpu", **overrid
     if cfg.get("task", "pretrain") != "pretrain":
         raise ValueError(f"path: {path} is a checkpoint of task {cfg['task']!r}; --init takes a pretrained Florence")
     model = create_model(cfg["model"], **(cfg.get("model_overrides") or {}), **overrides)
-    module = torch.load(states, map_location=map_location, weights_only=False)["module"]
-    if any(v.numel() == 0 for v in module.values()):  # ZeRO-3: parameters live in the partitioned optimizer files
+    if zero3:  # the parameters live in the ranks' partitions: DeepSpeed's own consolidation
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         module = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    else:
+        module = torch.load(states, map_location=map_location, weights_only=False)["module"]
     state = {k[len("model.") :]: v for k, v in module.items() if k.startswith("model.")}
     load_state_dict_strict(model, state, source=path)
     return model

@@ -1,0 +1,126 @@
+"""florence.train's task "video" on the shared loop: started from a pretrained Florence's training checkpoint (--init),
+exact resume from a checkpoint, metrics/curve/final metrics, evaluation with the frame-shuffled score; and
+florence.models.load_florence reading the checkpoints of ZeRO stages 0 and 3 (the parameters the run started
+from)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from florence.data import builtin, curate
+from florence.data.video import curate_videos
+from florence.tasks import get_task
+from florence.train import DEFAULTS, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("deepspeed")
+pytest.importorskip("av")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video_train")
+    builtin.build_moving_digits(str(root / "clips"), size=32, frames=8, limit=48, quiet=True)
+    curate_videos([str(root / "clips" / "train.jsonl")], str(root / "shards"), shard_size=32)
+    builtin.build_digits(str(root / "digits"), size=32)
+    curate.main(["--input", str(root / "digits" / "train.jsonl"), "--out", str(root / "image_shards"), "--min-size",
+                 "8", "--near-dup-threshold", "-1", "--shard-size", "512", "--quiet"])  # fmt: skip
+    return root
+
+
+def _train(args, out, nproc=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(29600 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]  # fmt: skip
+    cmd = launcher + ["-m", "florence.train", "--set", f"output_dir={out}"] + args
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _pretrain(data, out, stage):
+    _train([f"data.shards={data / 'image_shards'}", "data.eval=null", "data.image_size=32", "data.loader=torch",
+            "data.num_workers=0", "model=florence_cpu_test", "model_overrides.vision.drop_path_rate=0.0",
+            "batch_size=16", "precision=fp32", f"zero_stage={stage}", "steps=0"], out)  # fmt: skip
+
+
+def _video(data, out, *extra):
+    return _train([f"data.shards={data / 'shards'}", f"data.eval={data / 'clips'}", "data.image_size=32",
+                   "data.loader=pyav", "task=video", "model=florence_cpu_test", "video.frames=4",
+                   "video.frame_stride=2", "batch_size=8", "precision=fp32", "zero_stage=2",
+                   "schedule.warmup_steps=1", "schedule.min_lr_ratio=1.0", "optimizer.lr=0.001", *extra],
+                  out)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+    """A pretraining run of 0 steps, ZeRO 0: its checkpoint holds the parameters the run was built with."""
+    out = tmp_path_factory.mktemp("pretrained") / "zero0"
+    _pretrain(data, out, 0)
+    return out
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_load_florence_reads_zero_0_and_zero_3_checkpoints(data, pretrained, tmp_path):
+    from florence.models import create_model, load_florence
+
+    torch.manual_seed(0)  # what the run does before building its model
+    expected = create_model("florence_cpu_test", vision={"drop_path_rate": 0.0}).state_dict()
+    _pretrain(data, tmp_path / "zero3", 3)
+    for run in (pretrained, tmp_path / "zero3"):
+        for path in (run, run / "checkpoints" / "step0000000"):
+            got = load_florence(str(path)).state_dict()
+            for k, v in expected.items():
+                torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_video_task_from_a_pretraining_checkpoint_resumes_exactly(data, pretrained, tmp_path):
+    pre = pretrained
+    # the task's model starts from the inflated checkpoint
+    cfg = load_config(None, [f"data.shards={data / 'shards'}", f"data.eval={data / 'clips'}", "task=video",
+                             "model=florence_cpu_test", f"init={pre}"])  # fmt: skip
+    model = get_task("video")(cfg, "cpu").build_model()
+    from florence.models import load_florence
+
+    stem2d = load_florence(str(pre)).visual.embeds[0].proj.weight
+    torch.testing.assert_close(model.backbone.embeds[0].proj.weight, stem2d.unsqueeze(2).repeat(1, 1, 2, 1, 1) / 2)
+    assert model.head.out_features == 40
+    # an uninterrupted run against the same run restarted from its step-2 checkpoint (a copy whose latest is step 2)
+    proc = _video(data, tmp_path / "full", "steps=4", "checkpoint_interval=2", "eval_interval=2", "--init", str(pre))
+    assert "video top-1:" in proc.stdout
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    (tmp_path / "part" / "checkpoints" / "latest").write_text("step0000002")
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step0000004")
+    _video(data, tmp_path / "part", "steps=4", "checkpoint_interval=2", "eval_interval=2", "--init", str(pre))
+    full, part = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert sorted(full) == [1, 2, 3, 4] and sorted(part) == [1, 2, 3, 4]
+    for s in (3, 4):
+        assert part[s] == pytest.approx(full[s], rel=1e-6, abs=1e-7), (s, part, full)
+    final = json.load(open(tmp_path / "full" / "final_metrics.json"))
+    assert final["task"] == "video" and 0 <= final["top1"] <= final["top5"] <= 1
+    assert 0 <= final["top1_frames_shuffled"] <= 1
+    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert all("clips_per_s" in r for r in rows if "loss" in r)
+    assert [r["step"] for r in rows if "top1" in r] == [2, 4]
+    assert os.path.getsize(tmp_path / "full" / "loss_curve.png") > 1000
+
+
+def test_task_config_errors_name_the_key(data):
+    with pytest.raises(ValueError, match="task: expected one of"):
+        load_config(None, [f"data.shards={data / 'shards'}", "task=segmentation"])
+    cfg = load_config(None, [f"data.shards={data / 'shards'}", "task=video", "video.frame_mode=shuffled"])
+    with pytest.raises(ValueError, match="video.frame_mode"):
+        get_task("video")(cfg, "cpu")
+    cfg = load_config(None, [f"data.shards={data / 'shards'}", "task=video", "data.eval=null"])
+    with pytest.raises(ValueError, match="video.num_classes"):
+        get_task("video")(cfg, "cpu").num_classes()
+    assert set(DEFAULTS["video"]) >= {"frames", "frame_stride", "window_size", "frame_mode"}
