@@ -88,9 +88,9 @@ def test_inflation_names_missing_unexpected_and_mis_shaped_weights():
         VideoCoSwin.from_image(other.state_dict(), config=img.config)
 
 
-# small, base and huge differ from tiny in width and depth only (the same modules, windows and code paths): they run
-# with FLORENCE_RUN_EXTENDED_TESTS=1 (base alone costs 100 s here in bf16, which this CPU emulates).
-SIZES = [n[len("florence_") :] for n in list_models() if EXTENDED or n.endswith(("cpu_test", "cpu_demo", "tiny"))]
+# tiny, small, base and huge differ from cpu_demo in width, depth and window only (the same modules and code paths):
+# they run with FLORENCE_RUN_EXTENDED_TESTS=1 (tiny 35 s, base 100 s here in fp32 + bf16, which this CPU emulates).
+SIZES = [n[len("florence_") :] for n in list_models() if EXTENDED or n.endswith(("cpu_test", "cpu_demo"))]
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from . import Task, global_mean
 
 FRAME_MODES = ("clip", "single")
+HEAD_INITS = ("zero_shot", "random")
 
 
 def single_frame(videos: torch.Tensor, train: bool) -> torch.Tensor:
@@ -44,6 +45,8 @@ class VideoTask(Task):
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
         v = cfg["video"]
+        if v["head_init"] not in HEAD_INITS:
+            raise ValueError(f"video.head_init: expected one of {HEAD_INITS}, got {v['head_init']!r}")
         if v["frame_mode"] not in FRAME_MODES:
             raise ValueError(f"video.frame_mode: expected one of {FRAME_MODES}, got {v['frame_mode']!r}")
         if not isinstance(v["frames"], int) or v["frames"] < 2:
@@ -68,7 +71,12 @@ class VideoTask(Task):
         if v.get("drop_path_rate") is not None:
             kw["drop_path_rate"] = v["drop_path_rate"]
         if cfg.get("init"):
-            backbone = VideoCoSwin.from_image(load_florence(cfg["init"]).visual, window_size=v["window_size"], **kw)
+            pretrained = load_florence(cfg["init"])
+            backbone = VideoCoSwin.from_image(pretrained.visual, window_size=v["window_size"], **kw)
+            model = VideoClassifier(backbone, self.num_classes(), v["dropout"])
+            if v["head_init"] == "zero_shot":
+                self._zero_shot_head(model, pretrained)
+            return model
         else:
             get_config(cfg["model"])  # the named image config must exist
             vision = (cfg.get("model_overrides") or {}).get("vision", {})
@@ -76,6 +84,46 @@ class VideoTask(Task):
                 kw["window_size"] = v["window_size"]
             backbone = create_video_coswin("video_coswin_" + cfg["model"][len("florence_") :], **(vision | kw))
         return VideoClassifier(backbone, self.num_classes(), v["dropout"])
+
+    def class_names(self) -> list[str]:
+        for folder in (self.cfg["data"].get("eval"), self.cfg["data"].get("shards")):
+            path = os.path.join(folder or "", "classes.json")
+            if folder and os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    return list(json.load(f)["classes"])
+        raise ValueError("video.head_init zero_shot: needs the class names (classes.json in data.eval or data.shards)")
+
+    @torch.no_grad()
+    def _zero_shot_head(self, model, pretrained) -> None:
+        """The head as Florence's zero-shot classifier (LP-FT / WiSE-FT's start): row k = t_k P, with t_k the class's
+        prompt-ensemble text embedding (florence.eval.zero_shot_classifier) and P the image projection, times
+        exp(logit scale) / E|P f| over 32 training clips (f the pooled video feature), so the first logits are the
+        zero-shot logits s cos(P f, t_k), plus the I3D head's random draw. Needs open_clip (the tokenizer)."""
+        from florence.data.video import make_video_loader
+        from florence.eval import zero_shot_classifier
+        from florence.optional import require
+        from florence.tokenizer import get_tokenizer
+
+        require("open_clip", "video.head_init zero_shot (the text tower's tokenizer)")
+        names = self.class_names()
+        if len(names) != model.head.out_features:
+            raise ValueError(f"video.num_classes: {model.head.out_features}, but classes.json names {len(names)}")
+        pretrained.eval()
+        text = zero_shot_classifier(pretrained, names, get_tokenizer(pretrained.text.context_length))
+        weight = text @ pretrained.image_projection.weight.float()  # (K, C)
+        d, v = self.cfg["data"], self.cfg["video"]
+        loader = make_video_loader(d["shards"], 32, v["frames"], d["image_size"], train=False, drop_last=False,
+                                   backend=_video_backend(d["loader"]), frame_stride=v["frame_stride"])  # fmt: skip
+        videos = next(iter(loader))["videos"]
+        was = model.training
+        model.eval()
+        feats = model.backbone.forward_features(self._input(videos, False).cpu())
+        model.train(was)
+        norm = (feats @ pretrained.image_projection.weight.float().T).norm(dim=-1).mean()
+        # added to the I3D head's N(0, 0.01) draw: the 4 rows of one digit (one text, directions unknown to the text
+        # tower) would otherwise be equal, and equal rows pass the features no gradient that tells them apart
+        model.head.weight.add_(weight * pretrained.scale().float() / norm)
+        model.head.bias.zero_()
 
     def make_loader(self, rank, world, per_rank):
         from florence.data.video import make_video_loader
