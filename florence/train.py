@@ -80,7 +80,7 @@ DEFAULTS = {
         "label_smoothing": 0.1,
         "frame_mode": "clip",
         "drop_path_rate": None,
-        "head_init": "zero_shot",  # with init: the head starts as the text tower's zero-shot classifier
+        "head_init": "random",  # zero_shot (with init): the head starts as the text tower's zero-shot classifier
     },  # fmt: skip
 }
 

@@ -124,3 +124,28 @@ def test_task_config_errors_name_the_key(data):
     with pytest.raises(ValueError, match="video.num_classes"):
         get_task("video")(cfg, "cpu").num_classes()
     assert set(DEFAULTS["video"]) >= {"frames", "frame_stride", "window_size", "frame_mode"}
+
+
+@torch.no_grad()
+def test_zero_shot_head_starts_as_the_text_towers_classifier(data, pretrained):
+    """video.head_init zero_shot: the first logits are Florence's zero-shot logits s cos(P f, t_k) up to the I3D
+    head's N(0, 0.01) draw (the inflated video tower's features, the class names' prompt ensembles)."""
+    pytest.importorskip("open_clip")
+    from florence.eval import zero_shot_classifier
+    from florence.models import FlorenceVideo, load_florence
+    from florence.tokenizer import get_tokenizer
+
+    cfg = load_config(None, [f"data.shards={data / 'shards'}", f"data.eval={data / 'clips'}", "task=video",
+                             "model=florence_cpu_test", f"init={pretrained}", "video.head_init=zero_shot",
+                             "video.frames=4", "video.frame_stride=2", "data.image_size=32", "data.loader=pyav",
+                             "video.dropout=0.0"])  # fmt: skip
+    task = get_task("video")(cfg, "cpu")
+    model = task.build_model().eval()
+    flo = load_florence(str(pretrained)).eval()
+    tower = FlorenceVideo.from_florence(flo, window_size=model.backbone.window_sizes).eval()
+    text = zero_shot_classifier(flo, task.class_names(), get_tokenizer(flo.text.context_length))
+    clips = torch.randn(6, 3, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    expected = tower.encode_video(clips) @ text.T * flo.scale()
+    got = model(clips)
+    assert torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1] > 0.95
+    assert (got - expected).abs().mean() < 0.5 * expected.abs().mean()
