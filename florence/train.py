@@ -578,7 +578,7 @@ def main(argv=None) -> int:
     task = get_task(cfg["task"])
     try:  # before any process group or data: a missing package is one line, not a traceback per rank
         for name in task.requires:
-            require(name, f"florence.train (task {cfg['task']})")
+            require(name, "florence.train" if name == "deepspeed" else f"florence.train (task {cfg['task']})")
     except MissingOptionalDependency as e:
         print(f"florence.train: {e}", file=sys.stderr)
         return 2
