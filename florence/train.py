@@ -95,13 +95,27 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> dict:
+def yaml_load(text):
+    """YAML (a str or a file) as PyYAML's safe loader reads it, except that numbers in exponent notation without a
+    dot (``1e-3``, ``5E4``) are floats, as in YAML 1.2 and JSON; PyYAML's YAML 1.1 resolver makes them strings, so
+    ``lr: 1e-3`` in a config or ``--set optimizer.lr=1e-3`` would reach the optimizer as the string "1e-3"."""
+    import re
+
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))  # fmt: skip
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> dict:
     cfg = copy.deepcopy(DEFAULTS)
     if path:
         with open(path, encoding="utf-8") as f:
-            user = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+            user = yaml_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
         unknown = set(user or {}) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
@@ -115,7 +129,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> dict:
             node = node.setdefault(p, {})
         if parts[0] not in DEFAULTS:
             raise ValueError(f"--set {key}: unknown key {parts[0]!r}; known: {sorted(DEFAULTS)}")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = yaml_load(value)
     if cfg["precision"] not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision: expected fp32, bf16 or fp16, got {cfg['precision']!r}")
     if cfg["zero_stage"] not in (0, 1, 2, 3):

@@ -142,6 +142,17 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(data, tmp_path):
     assert _lrs(out) == pytest.approx(expected_lr, rel=1e-9)  # steps 4-8 after the restart too
 
 
+def test_exponent_notation_without_a_dot_is_a_float_in_files_and_overrides(tmp_path):
+    # PyYAML's YAML 1.1 resolver reads 1e-3 as the string "1e-3" (the optimizer then failed comparing it with 0.0)
+    (tmp_path / "c.yaml").write_text("optimizer: {lr: 1e-3, eps: 1E-8}\ndata: {shards: x}\n")
+    cfg = load_config(str(tmp_path / "c.yaml"), ["optimizer.weight_decay=5e-2", "schedule.min_lr_ratio=-2e-1",
+                                                 "seed=12", "output_dir=1e3x"])  # fmt: skip
+    o = cfg["optimizer"]
+    assert (o["lr"], o["eps"], o["weight_decay"], cfg["schedule"]["min_lr_ratio"]) == (1e-3, 1e-8, 0.05, -0.2)
+    assert all(type(v) is float for v in (o["lr"], o["eps"], o["weight_decay"]))
+    assert cfg["seed"] == 12 and type(cfg["seed"]) is int and cfg["output_dir"] == "1e3x"
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="unknown config keys \\['stepz'\\]"):
         (tmp_path / "c.yaml").write_text("stepz: 3\n")
