@@ -69,6 +69,21 @@ def test_classes_labels_split_and_codec(data):
         assert sum(1 for _ in c.decode(video=0)) == FRAMES
 
 
+@pytest.mark.parametrize("constant, value", [("DIGIT_SCALE", 0.6), ("BACKGROUND", (100, 140)), ("TWO_COPIES", 1.0)])
+def test_a_rebuild_rewrites_the_clips_when_a_rendering_constant_changed(tmp_path, monkeypatch, constant, value):
+    import florence.data.builtin as builtin
+
+    build_moving_digits(str(tmp_path), SIZE, 0.2, 0, frames=FRAMES, limit=2, quiet=True)
+    path = str(tmp_path / "videos" / "clip_00000.webm")
+    before, kept = decode_video(path), os.stat(path).st_mtime_ns
+    build_moving_digits(str(tmp_path), SIZE, 0.2, 0, frames=FRAMES, limit=2, quiet=True)
+    assert os.stat(path).st_mtime_ns == kept  # nothing changed: the files are kept
+    monkeypatch.setattr(builtin, constant, value)
+    summary = build_moving_digits(str(tmp_path), SIZE, 0.2, 0, frames=FRAMES, limit=2, quiet=True)
+    assert not np.array_equal(decode_video(path), before)
+    assert summary[constant.lower()] == (list(value) if isinstance(value, tuple) else value)
+
+
 def test_deterministic_and_frames_near_the_source(data, tmp_path):
     root, rows, _ = data
     summary = build_moving_digits(str(tmp_path), SIZE, 0.2, 0, frames=FRAMES, limit=2, quiet=True)
