@@ -7,9 +7,9 @@ same run from random initialisation and the single-frame baseline.
 Three ``florence.train`` runs of the same config (task "video", equal steps, same data order and seed), each under
 torchrun with ``--nproc`` CPU ranks: "inflated" (``--init``: make demo's CoSwin inflated to Video CoSwin),
 "random" (no init) and "single_frame" (inflated, ``video.frame_mode: single`` on 2 frames: one frame repeated, so the
-model cannot see motion; half the steps). Each run's folder holds its metrics.jsonl, loss curve and final_metrics.json; this writes
-``<out>/summary.json`` and ``<out>/top1_curves.png`` (held-out top-1 against step, the three runs) and prints the
-table and, last, one line: ``video top-1: N% ...``. Exits 1 when a run fails.
+model cannot see motion; half the steps). Each run's folder holds its metrics.jsonl, loss curve and
+final_metrics.json; this writes ``<out>/summary.json`` and ``<out>/top1_curves.png`` (held-out top-1 against step,
+the three runs) and prints the table and, last, one line: ``video top-1: N% ...``. Exits 1 when a run fails.
 """
 
 from __future__ import annotations
