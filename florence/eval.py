@@ -124,3 +124,59 @@ def linear_probe(train_features, train_labels, test_features, test_labels, c: fl
     clf = LogisticRegression(C=c, max_iter=max_iter)
     clf.fit(xtr, ytr)
     return {"train_acc": float(clf.score(xtr, ytr)), "test_acc": float(clf.score(xte, yte))}
+
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_evaluate(annotations, results: list[dict], quiet: bool = True) -> dict[str, float]:
+    """COCO's box AP of detection results, by pycocotools' ``COCOeval`` (iouType "bbox", its default parameters:
+    IoU thresholds .50:.05:.95, 101-point interpolated precision, at most 100 detections per image, area ranges
+    small < 32^2 <= medium < 96^2 <= large in the annotation's ``area``).
+
+    annotations: a COCO instances JSON (path) or its dict; results: COCO's results format (``[{"image_id",
+    "category_id", "bbox": [x, y, w, h], "score"}]``, original pixels; florence.models.detection.coco_results).
+    Returns {"AP", "AP50", "AP75", "APs", "APm", "APl"} (COCOeval's stats[0:6]; -1 where a range has no ground
+    truth) and "detections". Every image of the annotations is evaluated, so images with no result count as
+    misses; an empty ``results`` gives 0.0 (pycocotools' loadRes refuses an empty list). Raises ValueError for a
+    result naming an image or category the annotations do not have. Needs pycocotools (florence.optional).
+    """
+    import contextlib
+    import copy
+    import io
+    import json
+
+    from florence.optional import require
+
+    require("pycocotools", "florence.eval.coco_evaluate")
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if isinstance(annotations, dict):
+        data = copy.deepcopy(annotations)
+    else:
+        with open(annotations, encoding="utf-8") as f:
+            data = json.load(f)
+    image_ids = {im["id"] for im in data.get("images", [])}
+    cat_ids = {c["id"] for c in data.get("categories", [])}
+    for i, r in enumerate(results):
+        if r.get("image_id") not in image_ids:
+            raise ValueError(f"results[{i}]: image_id {r.get('image_id')!r} is not an image of the annotations")
+        if r.get("category_id") not in cat_ids:
+            raise ValueError(f"results[{i}]: category_id {r.get('category_id')!r} is not a category of the "
+                             f"annotations ({sorted(cat_ids)})")  # fmt: skip
+    if not results:
+        return {k: 0.0 for k in COCO_METRICS} | {"detections": 0}
+    data.setdefault("info", {})
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+        gt = COCO()
+        gt.dataset = data
+        gt.createIndex()
+        dt = gt.loadRes(copy.deepcopy(results))
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: float(v) for k, v in zip(COCO_METRICS, ev.stats[:6], strict=True)} | {"detections": len(results)}

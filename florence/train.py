@@ -6,8 +6,9 @@ cache, DALI input.
     deepspeed --num_gpus 8 -m florence.train --config configs/base.yaml       (any launcher that sets RANK etc.)
 
 ``task`` picks what is trained (florence.tasks: "pretrain", the default, described below; "video", Video CoSwin
-classification); every task shares this module's config, engine, schedule, checkpoints and resume, progress,
-metrics, curves and evaluation at intervals, and supplies its model, loader, loss and evaluator. ``--init PATH``
+classification; "detection", ATSS + Dynamic Head with COCO AP); every task shares this module's config, engine,
+schedule, checkpoints and resume, progress, metrics, curves and evaluation at intervals, and supplies its model,
+loader, loss and evaluator. ``--init PATH``
 (config key ``init``) starts the task from a pretrained Florence: a ``save_pretrained`` folder or a run,
 checkpoints folder or checkpoint tag of this module (florence.models.load_florence).
 
@@ -49,7 +50,7 @@ import torch
 from florence_kernels._io import atomic_write, atomic_write_text
 
 DEFAULTS = {
-    "task": "pretrain",  # florence.tasks.TASKS: pretrain | video
+    "task": "pretrain",  # florence.tasks.TASKS: pretrain | video | detection
     "init": None,  # a pretrained Florence to start from (save_pretrained folder or a florence.train checkpoint)
     "model": "florence_cpu_demo",
     "model_overrides": {},
@@ -81,6 +82,21 @@ DEFAULTS = {
         "frame_mode": "clip",
         "drop_path_rate": None,
         "head_init": "random",  # zero_shot (with init): the head starts as the text tower's zero-shot classifier
+    },  # fmt: skip
+    # task "detection" (florence.tasks.detection): ATSS + DyHead on CoSwin, images of data.image_size pixels
+    "detection": {
+        "fpn_channels": 256,
+        "num_blocks": 6,
+        "anchor_scale": 8.0,
+        "topk": 9,
+        "score_threshold": 0.05,
+        "pre_nms_top_n": 1000,
+        "nms_threshold": 0.6,
+        "detections_per_image": 100,
+        "drop_path_rate": None,
+        "scale_range": [0.75, 1.25],  # training scale jitter around the evaluation scale
+        "eval_annotations": "test.json",  # the COCO instances JSON in data.eval
+        "eval_batch_size": 32,
     },  # fmt: skip
 }
 

@@ -6,8 +6,9 @@ A task is a :class:`Task` subclass registered in TASKS under its config name (``
 order: ``build_model()`` (``cfg["init"]``, when set, names a pretrained Florence to start from), ``wrap(model)`` (the
 module DeepSpeed wraps), ``no_weight_decay(model)``, ``make_loader(rank, world, per_rank)``, ``load_eval()``, then
 ``train_step`` per step and ``evaluate`` at every eval interval and at the end; ``report(final)`` gives the lines the
-launcher prints. Built in: "pretrain" (UniCL image-text pretraining, florence.tasks.pretrain) and "video" (Video
-CoSwin fine-tuned for video classification, florence.tasks.video).
+launcher prints. Built in: "pretrain" (UniCL image-text pretraining, florence.tasks.pretrain), "video" (Video CoSwin
+fine-tuned for video classification, florence.tasks.video) and "detection" (ATSS + Dynamic Head on the CoSwin
+pyramid with COCO evaluation, florence.tasks.detection).
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import importlib
 
 import torch
 
-TASKS = {"pretrain": "florence.tasks.pretrain:PretrainTask", "video": "florence.tasks.video:VideoTask"}
+TASKS = {
+    "pretrain": "florence.tasks.pretrain:PretrainTask",
+    "video": "florence.tasks.video:VideoTask",
+    "detection": "florence.tasks.detection:DetectionTask",
+}
 
 
 def get_task(name: str) -> type[Task]:
