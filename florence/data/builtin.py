@@ -11,14 +11,21 @@ style is shared by all images of the class, so many pairs share a text (UniCL po
 ("seven"), which curation augments with prompts.
 
 Variants are registered in VARIANTS by name; each builder takes (out_dir, size, test_fraction, seed) and returns a
-summary dict. Detection (digits placed on canvases with COCO boxes) and question-answer variants for the adapters are
-meant to be added there, reusing ``_digit_images`` and ``_split``.
+summary dict; --size defaults to the variant's own default (64 here, 128 for digit_canvases). Question-answer
+variants for the adapters are meant to be added there, reusing ``_digit_images`` and ``_split``.
 
     python -m florence.data.builtin --variant moving_digits --out DIR [--size 64] [--frames 16]
 
 builds the video variant (``build_moving_digits``): a clip per digit image of a digit moving left, right, up or down
 over a textured background, 40 classes (digit x direction), written as VP9 WebM files (its docstring has the
 details and the measured build time).
+
+    python -m florence.data.builtin --variant digit_canvases --out DIR [--size 128]
+
+builds the detection variant (``florence.data.detection.build_digit_canvases``, imported when used): 128 x 128
+canvases of 1-6 digits (10-60 px) over a textured background with clutter, DIR/images/canvas_XXXXX.jpg with COCO
+instances files DIR/train.json and DIR/test.json (one box per digit, category id = digit + 1) for
+``python -m florence.data.detection curate``.
 """
 
 from __future__ import annotations
@@ -303,20 +310,30 @@ def _progress_bar(it, total, quiet):
     return tqdm(it, total=total, desc="moving digits", unit="clip", file=sys.stderr)
 
 
-VARIANTS = {"digits": build_digits, "moving_digits": build_moving_digits}
+def build_digit_canvases(out_dir: str, size: int = 128, test_fraction: float = 0.2, seed: int = 0, **kwargs) -> dict:
+    """The detection variant: ``florence.data.detection.build_digit_canvases`` (imported here when used)."""
+    from florence.data.detection import build_digit_canvases as build
+
+    return build(out_dir, size, test_fraction, seed, **kwargs)
+
+
+VARIANTS = {"digits": build_digits, "moving_digits": build_moving_digits, "digit_canvases": build_digit_canvases}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--variant", default="digits", choices=sorted(VARIANTS))
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default: the variant's, 64; 128 for digit_canvases)")  # fmt: skip
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=16, help="frames per clip (default 16; moving_digits only)")
     args = p.parse_args(argv)
     extra = {"frames": args.frames} if args.variant == "moving_digits" else {}
-    summary = VARIANTS[args.variant](args.out, args.size, args.test_fraction, args.seed, **extra)
+    if args.size is not None:
+        extra["size"] = args.size
+    summary = VARIANTS[args.variant](args.out, test_fraction=args.test_fraction, seed=args.seed, **extra)
     print(json.dumps(summary))
     return 0
 
