@@ -24,7 +24,8 @@ Training targets (:func:`atss_assign`, ATSS's Algorithm 1 as in its code and mmd
 ground-truth box, per level the ``topk`` (9) anchors whose centres are nearest the box's centre (L2; ties: the lower
 anchor index) are candidates; the box's IoU threshold is the mean plus the standard deviation (unbiased, torch's
 ``std``) of its candidates' IoUs; a candidate is positive when its IoU reaches the threshold and its centre lies
-inside the box (all four distances to the sides > 0.01 px, ATSS's EPS); an anchor positive for several boxes is
+inside the box (all four distances to the sides > 0.01 px, ATSS's EPS; the IoU compared within 1e-6, so that a
+box's equal candidate IoUs, whose mean can round above them, stay positive); an anchor positive for several boxes is
 assigned the one with the highest IoU (ties: the lower box index). Losses (:meth:`ATSSDetector.loss`, ATSS's):
 sigmoid focal loss (alpha 0.25, gamma 2; torchvision.ops.sigmoid_focal_loss) summed over every anchor and class and
 divided by the number of positives averaged over ranks; GIoU loss (torchvision.ops.generalized_box_iou_loss) of
@@ -45,6 +46,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -59,8 +61,11 @@ from .coswin import CoSwin
 
 BOX_STDS = (0.1, 0.1, 0.2, 0.2)  # ATSS's BoxCoder weights (10, 10, 5, 5), mmdetection's DeltaXYWHBBoxCoder stds
 MAX_LOG_RATIO = math.log(1000.0 / 16)  # the decoder's clamp on the size deltas (mmdetection, torchvision)
+IOU_TOLERANCE = 1e-6  # the threshold comparison's slack for rounding (atss_assign)
 CENTRE_EPS = 0.01  # ATSS: an anchor centre is inside a box when all four distances exceed this (pixels)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+# CoSwin weights detection has no use for (from_florence drops them; anything else must match)
+UNUSED_BACKBONE_WEIGHTS = re.compile(r"^(norm|pyramid_norms\.0)\.")
 
 
 class ATSSDetector(nn.Module):
@@ -103,6 +108,10 @@ class ATSSDetector(nn.Module):
         self.backbone = CoSwin(**vision, backend=backend)
         if len(self.backbone.dims) != 4:
             raise ValueError(f"vision: expected a 4-stage CoSwin (strides 4-32), got {len(self.backbone.dims)} stages")
+        # what detection does not use (the pooled feature's LayerNorm, stage 1's pyramid LayerNorm: FPN starts at
+        # stage 2) is left out, so that every parameter gets a gradient (DeepSpeed's reductions expect that)
+        self.backbone.norm = nn.Identity()
+        self.backbone.pyramid_norms[0] = nn.Identity()
         self.fpn = FeaturePyramidNetwork(list(self.backbone.dims[1:]), fpn_channels,
                                          extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))  # fmt: skip
         self.dyhead = DyHead(fpn_channels, fpn_channels, num_blocks, backend=backend)
@@ -127,10 +136,13 @@ class ATSSDetector(nn.Module):
     @classmethod
     def from_florence(cls, florence, num_classes: int, vision_overrides: dict | None = None, **kwargs) -> ATSSDetector:
         """A detector whose CoSwin is the pretrained Florence's image tower (``florence.visual``: its weights, pyramid
-        LayerNorms included, copied; the final LayerNorm is unused by detection); the neck and head are fresh.
+        LayerNorms of stages 2-4 included, copied; UNUSED_BACKBONE_WEIGHTS are left out); the neck and head are fresh.
         ``vision_overrides``: CoSwin arguments that hold no weights (drop_path_rate, ...)."""
+        from .florence import load_state_dict_strict
+
         det = cls(florence.visual.config | dict(vision_overrides or {}), num_classes, **kwargs)
-        det.backbone.load_state_dict(florence.visual.state_dict(), strict=True)
+        state = {k: v for k, v in florence.visual.state_dict().items() if not UNUSED_BACKBONE_WEIGHTS.match(k)}
+        load_state_dict_strict(det.backbone, state, source="florence.visual")
         return det
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -342,7 +354,9 @@ def atss_assign(anchors: torch.Tensor, per_level: Sequence[int], gt: torch.Tenso
     threshold = cand_iou.mean(0) + (cand_iou.std(0) if cand.shape[0] > 1 else 0)  # (G,)
     cx, cy = acx[cand], acy[cand]  # (C, G)
     inside = torch.stack([cx - gt[:, 0], cy - gt[:, 1], gt[:, 2] - cx, gt[:, 3] - cy]).amin(0) > CENTRE_EPS
-    positive = (cand_iou >= threshold) & inside  # (C, G)
+    # equal IoUs (a box smaller than every anchor has the same IoU with each anchor covering it) have a mean that
+    # can round above them: compared within IOU_TOLERANCE, they all stay positive, as the formula means
+    positive = (cand_iou >= threshold - IOU_TOLERANCE) & inside  # (C, G)
     best = torch.full((A, G), -1.0, dtype=ious.dtype, device=anchors.device)
     g_idx = torch.arange(G, device=anchors.device).expand_as(cand)
     best[cand[positive], g_idx[positive]] = ious[cand[positive], g_idx[positive]]
