@@ -306,6 +306,24 @@ def test_empty_images_crowd_regions_and_slack(data, tmp_path):
         assert batch["labels"][1].tolist() == metas[2]["labels"][1:]
 
 
+def test_other_formats_are_stored_as_jpeg_and_a_non_square_image_is_padded(data, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 160, 4), dtype=np.uint8), "RGBA").save(tmp_path / "wide.png")
+    coco = {"images": [{"id": 7, "file_name": "wide.png", "width": 160, "height": 96}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [10, 20, 40, 30], "iscrowd": 0}],
+            "categories": [{"id": 5, "name": "b"}, {"id": 3, "name": "a"}]}  # fmt: skip
+    m = _curate(coco, tmp_path)
+    assert [c["id"] for c in m["categories"]] == [3, 5]  # sorted by id: label k is categories[k]
+    (sample,) = _read_shard_samples(tmp_path / "out").values()
+    assert sample["jpg"][:2] == b"\xff\xd8" and json.loads(sample["json"])["labels"] == [0]
+    for backend in BACKENDS:
+        b = next(iter(make_detection_loader(str(tmp_path / "out"), 1, 80, train=False, backend=backend)))
+        assert b["scales"].tolist() == [0.5] and b["boxes"][0].tolist() == [[5, 10, 25, 25]]
+        assert torch.all(b["images"][0, :, 48:] == 0) and b["images"][0, :, :48].abs().sum(0).min() > 0
+
+
 # --- the loader ---------------------------------------------------------------------------------------------------
 
 
