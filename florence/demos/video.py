@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
-from florence_kernels._io import atomic_write, atomic_write_text
+from florence.demos import plot_curves, run_training
+from florence_kernels._io import atomic_write_text
 
 RUNS = (("inflated", True, "clip"), ("random", False, "clip"), ("single_frame", True, "single"))
 # the single-frame run sees one frame repeated: 2 copies (the stem's temporal kernel) carry what 8 would, at a quarter
@@ -31,44 +30,9 @@ EXTRA = {"single_frame": ["video.frames=2", "steps=300", "eval_interval=100", "c
 
 
 def _run(i, name, init, mode, args) -> dict:
-    out = os.path.join(args.out, name)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-           str(29500 + i), "-m", "florence.train",
-           "--config", args.config, "--set", f"output_dir={out}", "resume=false", f"video.frame_mode={mode}",
-           *EXTRA.get(name, []), *args.set]  # fmt: skip
-    if init:
-        cmd += ["--init", args.init]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    print(f"--- {name}: {' '.join(cmd[2:])}", flush=True)
-    t0 = time.time()
-    if subprocess.run(cmd, env=env).returncode != 0:
-        raise RuntimeError(f"run {name} failed (see its output above)")
-    with open(os.path.join(out, "final_metrics.json"), encoding="utf-8") as f:
-        final = json.load(f)
-    final["wall_seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        final["curve"] = [(r["step"], r["top1"]) for r in map(json.loads, f) if "top1" in r]
-    return final
-
-
-def _plot(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        ax.plot([c[0] for c in r["curve"]], [100 * c[1] for c in r["curve"]], "o-", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out top-1 (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Video CoSwin on moving digits (40 classes)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    overrides = [f"video.frame_mode={mode}", *EXTRA.get(name, []), *args.set]
+    return run_training(name, os.path.join(args.out, name), args.config, overrides, args.init if init else None,
+                        args.nproc, 29500 + i, "top1")  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -87,7 +51,8 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         print(f"demo-video: {e}", file=sys.stderr)
         return 1
-    _plot(results, os.path.join(args.out, "top1_curves.png"))
+    plot_curves(results, os.path.join(args.out, "top1_curves.png"), "held-out top-1 (%)",
+                "Video CoSwin on moving digits (40 classes)")  # fmt: skip
     summary = {k: {m: v[m] for m in ("step", "top1", "top5", "top1_frames_shuffled", "train_seconds",
                                       "wall_seconds")} for k, v in results.items()}  # fmt: skip
     atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1) + "\n")

@@ -1,0 +1,123 @@
+"""florence.train's task "detection" on the shared loop: the detector's CoSwin from a pretrained Florence's training
+checkpoint (--init), exact resume from a checkpoint, COCO evaluation at intervals and at the end (detections.json in
+COCO's results format, AP metrics), metrics and curve; 2 ranks (the positives averaged across ranks); config errors
+naming the key."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from florence.data import builtin, curate
+from florence.tasks import get_task
+from florence.train import DEFAULTS, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("deepspeed")
+pytest.importorskip("pycocotools")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from florence.data.detection import build_digit_canvases, curate_detection
+
+    root = tmp_path_factory.mktemp("detect_train")
+    build_digit_canvases(str(root / "canvases"), size=64, train_canvases=24, test_canvases=8, quiet=True)
+    curate_detection(str(root / "canvases" / "train.json"), str(root / "shards"), shard_size=16)
+    builtin.build_digits(str(root / "digits"), size=32)
+    curate.main(["--input", str(root / "digits" / "train.jsonl"), "--out", str(root / "image_shards"), "--min-size",
+                 "8", "--near-dup-threshold", "-1", "--shard-size", "512", "--quiet"])  # fmt: skip
+    return root
+
+
+def _train(args, out, nproc=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(29700 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]  # fmt: skip
+    cmd = launcher + ["-m", "florence.train", "--set", f"output_dir={out}"] + args
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+    """A pretraining run of 0 steps, ZeRO 0: its checkpoint holds the parameters the run was built with."""
+    out = tmp_path_factory.mktemp("pretrained") / "zero0"
+    _train([f"data.shards={data / 'image_shards'}", "data.eval=null", "data.image_size=32", "data.loader=torch",
+            "data.num_workers=0", "model=florence_cpu_test", "model_overrides.vision.drop_path_rate=0.0",
+            "batch_size=16", "precision=fp32", "zero_stage=0", "steps=0"], out)  # fmt: skip
+    return out
+
+
+def _detect(data, out, *extra, nproc=1):
+    return _train([f"data.shards={data / 'shards'}", f"data.eval={data / 'canvases'}", "data.image_size=64",
+                   "data.loader=torch", "task=detection", "model=florence_cpu_test", "detection.fpn_channels=32",
+                   "detection.num_blocks=1", "detection.drop_path_rate=0.0", "batch_size=4", "precision=fp32",
+                   "zero_stage=2", "schedule.warmup_steps=1", "schedule.min_lr_ratio=1.0", "optimizer.lr=0.001",
+                   *extra], out, nproc)  # fmt: skip
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_detection_task_from_a_pretraining_checkpoint_resumes_exactly(data, pretrained, tmp_path):
+    from florence.models import load_florence
+
+    cfg = load_config(None, [f"data.shards={data / 'shards'}", "task=detection", "model=florence_cpu_test",
+                             f"init={pretrained}", "detection.fpn_channels=32", "detection.num_blocks=1"])  # fmt: skip
+    model = get_task("detection")(cfg, "cpu").build_model()
+    visual = load_florence(str(pretrained)).visual.state_dict()
+    for k, v in model.backbone.state_dict().items():
+        torch.testing.assert_close(v, visual[k], rtol=0, atol=0, msg=k)
+    assert model.num_classes == 10 and len(model.dyhead.dyhead_blocks) == 1
+    # an uninterrupted run against the same run restarted from its step-2 checkpoint (a copy whose latest is step 2)
+    proc = _detect(data, tmp_path / "full", "steps=4", "checkpoint_interval=2", "eval_interval=2", "--init",
+                   str(pretrained))  # fmt: skip
+    assert "detection AP:" in proc.stdout
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    (tmp_path / "part" / "checkpoints" / "latest").write_text("step0000002")
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step0000004")
+    _detect(data, tmp_path / "part", "steps=4", "checkpoint_interval=2", "eval_interval=2", "--init", str(pretrained))
+    full, part = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert sorted(full) == [1, 2, 3, 4] and sorted(part) == [1, 2, 3, 4]
+    for s in (3, 4):
+        assert part[s] == pytest.approx(full[s], rel=1e-6, abs=1e-7), (s, part, full)
+    final = json.load(open(tmp_path / "full" / "final_metrics.json"))
+    assert final["task"] == "detection"
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(final) and 0 <= final["AP"] <= final["AP50"] <= 1
+    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert all("images_per_s" in r for r in rows if "loss" in r)
+    assert [r["step"] for r in rows if "AP" in r] == [2, 4]
+    dets = json.load(open(tmp_path / "full" / "detections.json"))
+    gt = json.load(open(data / "canvases" / "test.json"))
+    assert {d["image_id"] for d in dets} <= {im["id"] for im in gt["images"]}
+    assert all(set(d) == {"image_id", "category_id", "bbox", "score"} and len(d["bbox"]) == 4 for d in dets)
+    assert os.path.getsize(tmp_path / "full" / "loss_curve.png") > 1000
+
+
+def test_two_ranks_train_from_scratch(data, tmp_path):
+    """2 ranks, ZeRO 2, random initialisation: the loss normalisation's all-reduces run on both ranks (one of the
+    step's images may have no positives), and the run evaluates at the end."""
+    proc = _detect(data, tmp_path / "two", "steps=2", "checkpoint_interval=0", "eval_interval=0", nproc=2)
+    assert "detection AP:" in proc.stdout
+    final = json.load(open(tmp_path / "two" / "final_metrics.json"))
+    assert final["world_size"] == 2 and 0 <= final["AP"] <= 1
+
+
+def test_task_config_errors_name_the_key(data, tmp_path):
+    assert set(DEFAULTS["detection"]) >= {"fpn_channels", "num_blocks", "scale_range", "eval_annotations"}
+    cfg = load_config(None, [f"data.shards={data / 'shards'}", "task=detection", "model=florence_cpu_test",
+                             "detection.fpn_channels=40"])  # fmt: skip
+    with pytest.raises(ValueError, match="fpn_channels: 40 is not a multiple of 16"):
+        get_task("detection")(cfg, "cpu").build_model()
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": []}))
+    cfg = load_config(None, [f"data.shards={tmp_path}", "task=detection"])
+    with pytest.raises(ValueError, match="lists no categories"):
+        get_task("detection")(cfg, "cpu").categories()
