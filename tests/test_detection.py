@@ -320,3 +320,22 @@ def test_coco_evaluation_perfect_predictions_give_1_and_shuffled_labels_about_0(
         coco_evaluate(gt, [dict(perfect[0], image_id=999)])
     with pytest.raises(ValueError, match=r"results\[0\]: category_id 11"):
         coco_evaluate(gt, [dict(perfect[0], category_id=11)])
+
+
+def test_the_benchmarks_cpu_case_runs_on_every_cpu_provider():
+    """benchmarks/bench_detection.py: the quick CPU case through each provider that runs here gives one finite loss
+    whose gradient reaches the backbone (the same detector weights in every provider: equal losses)."""
+    from benchmarks import bench_detection as bench
+
+    (case,) = bench.cases(True, "cpu", torch.float32)
+    losses = {}
+    for p in bench.providers("cpu"):
+        if p.unavailable("cpu"):
+            continue
+        inputs = case.make_inputs("cpu", torch.float32)
+        loss = p.fn(*inputs)
+        loss.backward()
+        losses[p.name] = loss.item()
+    assert set(losses) == {"reference", "fused", "cpp"}
+    assert all(math.isfinite(v) for v in losses.values())
+    assert max(losses.values()) - min(losses.values()) < 1e-3 * abs(losses["reference"])
