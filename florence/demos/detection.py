@@ -7,8 +7,8 @@ against the same run from random initialisation.
 Two ``florence.train`` runs of the same config (task "detection", equal steps, same data order and seed), each under
 torchrun with ``--nproc`` CPU ranks: "pretrained" (``--init``: make demo's CoSwin under the detector) and "random"
 (no init). Each run's folder holds its metrics.jsonl, loss curve, detections.json (COCO results format) and
-final_metrics.json; this writes ``<out>/summary.json`` and ``<out>/ap_curves.png`` (held-out AP@[.5:.95] and AP50
-against step, both runs) and prints the table and, last, two lines: ``detection AP: N ...`` and ``AP50: N ...``.
+final_metrics.json; this writes ``<out>/summary.json`` and ``<out>/ap_curves.png`` (held-out AP@[.5:.95] against
+step, both runs) and prints the table and, last, two lines: ``detection AP: N ...`` and ``AP50: N ...``.
 Exits 1 when a run fails.
 """
 
