@@ -58,7 +58,15 @@ DEFAULTS = {
     "data": {"shards": None, "eval": None, "image_size": 64, "loader": "auto", "num_workers": 1},
     "batch_size": 128,  # image-text pairs per optimizer step, all ranks together
     "chunk_size": 0,  # gradient cache chunk per rank (0: no gradient cache)
-    "optimizer": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6, "grad_clip": 5.0},
+    # lr_multipliers: {parameter-name prefix: factor on lr}, e.g. {"backbone.": 0.5} (build_engine's param_groups)
+    "optimizer": {
+        "lr": 1e-3,
+        "weight_decay": 0.1,
+        "betas": [0.9, 0.98],
+        "eps": 1e-6,
+        "grad_clip": 5.0,
+        "lr_multipliers": {},
+    },
     "schedule": {"warmup_steps": 20, "min_lr_ratio": 0.0},
     "precision": "fp32",  # fp32 | bf16 | fp16
     "zero_stage": 0,
@@ -94,7 +102,8 @@ DEFAULTS = {
         "nms_threshold": 0.6,
         "detections_per_image": 100,
         "drop_path_rate": None,
-        "scale_range": [0.75, 1.25],  # training scale jitter around the evaluation scale
+        "scale_range": [0.75, 1.25],  # training scale jitter around data.image_size
+        "eval_size": None,  # test scale: held-out images resized to this longer side (None: data.image_size)
         "eval_annotations": "test.json",  # the COCO instances JSON in data.eval
         "eval_batch_size": 32,
     },  # fmt: skip
@@ -215,6 +224,36 @@ def lr_lambda(cfg):
     return f
 
 
+def param_groups(wrapper, prefix: str, no_decay: set[str], lr: float, weight_decay: float,
+                 lr_multipliers: dict) -> list[dict]:  # fmt: skip
+    """AdamW's parameter groups over ``wrapper``'s parameters (the model inside it named ``prefix``): weight decay
+    except on the names in ``no_decay``, and lr x the factor of the longest prefix in ``lr_multipliers`` (config
+    ``optimizer.lr_multipliers``; prefixes of the names in the model, e.g. {"backbone.": 0.5}) that the name
+    starts with, else x 1; the schedule scales every group alike. Groups at factor 1 come first (metrics.jsonl's
+    "lr" is the first group's: the base rate). The fine-tuning recipes of ViTDet, METER and DETR train a pretrained
+    backbone slower than the new layers. Raises ValueError for a factor that is not a positive number or a prefix
+    that matches no parameter (a typo would silently train at the base lr)."""
+    if not isinstance(lr_multipliers, dict):
+        raise ValueError(f"optimizer.lr_multipliers: expected a mapping of parameter-name prefix to factor, got "
+                         f"{lr_multipliers!r}")  # fmt: skip
+    named = [(n, n[len(prefix) :] if n.startswith(prefix) else n, p) for n, p in wrapper.named_parameters()]
+    for key, factor in lr_multipliers.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"optimizer.lr_multipliers[{key!r}]: expected a positive number, got {factor!r}")
+        if not any(m.startswith(str(key)) for _, m, _ in named):
+            roots = sorted({m.split(".")[0] + "." for _, m, _ in named})
+            raise ValueError(f"optimizer.lr_multipliers[{key!r}]: no parameter name starts with it (top-level "
+                             f"modules: {roots})")  # fmt: skip
+    groups: dict[tuple[float, bool], list] = {}
+    for n, m, p in named:
+        keys = [k for k in lr_multipliers if m.startswith(k)]
+        factor = float(lr_multipliers[max(keys, key=len)]) if keys else 1.0
+        groups.setdefault((factor, n in no_decay), []).append(p)
+    order = sorted(groups, key=lambda g: (g[0] != 1.0, -g[0], g[1]))
+    return [{"params": groups[(f, plain)], "lr": lr * f, "weight_decay": 0.0 if plain else weight_decay}
+            for f, plain in order]  # fmt: skip
+
+
 def build_engine(cfg, model, world, device, wrapper=None, no_decay_names=None):
     """DeepSpeed's engine over ``wrapper`` (default: TrainWrapper(model)); AdamW without weight decay on
     ``no_decay_names`` (names in ``model``; default: model.no_weight_decay_names())."""
@@ -231,10 +270,8 @@ def build_engine(cfg, model, world, device, wrapper=None, no_decay_names=None):
     names = model.no_weight_decay_names() if no_decay_names is None else no_decay_names
     prefix = next((f"{n}." for n, m in wrapper.named_modules() if m is model and n), "")
     no_decay = {prefix + n for n in names}
-    decay_p = [p for n, p in wrapper.named_parameters() if n not in no_decay]
-    plain_p = [p for n, p in wrapper.named_parameters() if n in no_decay]
     o = cfg["optimizer"]
-    groups = [{"params": decay_p, "weight_decay": o["weight_decay"]}, {"params": plain_p, "weight_decay": 0.0}]
+    groups = param_groups(wrapper, prefix, no_decay, o["lr"], o["weight_decay"], o.get("lr_multipliers") or {})
     optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     ds = {

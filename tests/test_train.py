@@ -161,3 +161,42 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["steps=3"])
     with pytest.raises(ValueError, match="precision: expected fp32, bf16 or fp16"):
         load_config(None, ["data.shards=x", "precision=fp8"])
+
+
+def test_lr_multipliers_give_each_parameter_the_longest_matching_prefix_factor():
+    from florence.train import param_groups
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            nn = torch.nn
+            self.model = nn.ModuleDict({"backbone": nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)),
+                                        "head": nn.Linear(2, 3)})  # fmt: skip
+            self.scale = torch.nn.Parameter(torch.ones(()))  # outside the model: factor 1
+
+    w = Wrapper()
+    no_decay = {"model.backbone.0.bias", "model.head.bias", "scale"}
+    groups = param_groups(w, "model.", no_decay, 2e-3, 0.05, {"backbone.": 0.5, "backbone.1.": 0.25, "head.": 10})
+    names = {id(p): n for n, p in w.named_parameters()}
+    got = {(g["lr"], g["weight_decay"]): sorted(names[id(p)] for p in g["params"]) for g in groups}
+    assert got == {
+        (2e-3, 0.0): ["scale"],
+        (2e-2, 0.05): ["model.head.weight"],
+        (2e-2, 0.0): ["model.head.bias"],
+        (1e-3, 0.05): ["model.backbone.0.weight"],
+        (1e-3, 0.0): ["model.backbone.0.bias"],
+        (5e-4, 0.05): ["model.backbone.1.bias", "model.backbone.1.weight"],
+    }
+    assert groups[0]["lr"] == 2e-3  # the base rate first: metrics.jsonl logs group 0's lr
+    assert sum(len(g["params"]) for g in groups) == len(list(w.parameters()))
+    plain = param_groups(w, "model.", no_decay, 2e-3, 0.05, {})
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain] == [(2e-3, 0.05, 4), (2e-3, 0.0, 3)]
+    for bad, match in [({"backbone.": 0}, r"lr_multipliers\['backbone.'\]: expected a positive number, got 0"),
+                       ({"backbone.": True}, "expected a positive number, got True"),
+                       ({"head.": "2"}, "expected a positive number, got '2'"),
+                       ({"backbone.": float("nan")}, "expected a positive number, got nan"),
+                       ({"bakcbone.": 0.5}, r"lr_multipliers\['bakcbone.'\]: no parameter name starts with it "
+                                            r"\(top-level modules: \['backbone.', 'head.', 'scale.'\]\)"),
+                       ([0.5], "expected a mapping of parameter-name prefix to factor, got \\[0.5\\]")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            param_groups(w, "model.", no_decay, 2e-3, 0.05, bad)

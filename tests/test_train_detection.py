@@ -121,3 +121,45 @@ def test_task_config_errors_name_the_key(data, tmp_path):
     cfg = load_config(None, [f"data.shards={tmp_path}", "task=detection"])
     with pytest.raises(ValueError, match="lists no categories"):
         get_task("detection")(cfg, "cpu").categories()
+
+
+def test_backbone_lr_multiplier_and_test_scale_reach_the_run(data, pretrained, tmp_path):
+    """optimizer.lr_multipliers reaches DeepSpeed's optimizer (a backbone at 1e-9 x lr stays at the pretrained
+    weights while the new layers move), and detection.eval_size evaluates the 64-px held-out canvases at 96 px with
+    the boxes mapped back to the canvases' pixels."""
+    from florence.models import load_florence
+
+    out = tmp_path / "mult"
+    _detect(data, out, "steps=2", "checkpoint_interval=0", "eval_interval=0", "optimizer.lr=0.01",
+            'optimizer.lr_multipliers={"backbone.": 1.0e-9}', "detection.eval_size=96", "--init",
+            str(pretrained))  # fmt: skip
+    ckpt = torch.load(out / "checkpoints" / "step0000002" / "mp_rank_00_model_states.pt", map_location="cpu",
+                      weights_only=False)["module"]  # fmt: skip
+    visual = load_florence(str(pretrained)).visual.state_dict()
+    backbone = {k[len("backbone.") :]: v for k, v in ckpt.items() if k.startswith("backbone.")}
+    assert backbone, sorted(ckpt)[:5]
+    for k, v in backbone.items():
+        torch.testing.assert_close(v, visual[k], rtol=0, atol=1e-8, msg=k)
+    fresh = get_task("detection")(load_config(None, [f"data.shards={data / 'shards'}", "task=detection",
+                                                     "model=florence_cpu_test", f"init={pretrained}",
+                                                     "detection.fpn_channels=32",
+                                                     "detection.num_blocks=1"]), "cpu").build_model()  # fmt: skip
+    moved = [k for k, v in fresh.state_dict().items() if not k.startswith("backbone.") and v.is_floating_point()
+             and not torch.equal(v, ckpt[k])]  # fmt: skip
+    assert any(k.startswith("dyhead.") for k in moved) and any(k.startswith("fpn.") for k in moved), moved
+    dets = json.load(open(out / "detections.json"))
+    gt = json.load(open(data / "canvases" / "test.json"))
+    assert dets and max(max(d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]) for d in dets) <= 64 + 1e-3
+    assert {(im["width"], im["height"]) for im in gt["images"]} == {(64, 64)}
+
+
+def test_eval_size_errors_name_the_key(data):
+    for bad in (100, 0, True, "large", 64.0):
+        cfg = load_config(None, [f"data.shards={data / 'shards'}", f"data.eval={data / 'canvases'}", "task=detection",
+                                 f"detection.eval_size={bad}"])  # fmt: skip
+        with pytest.raises(ValueError, match="detection.eval_size: expected a positive multiple of 32"):
+            get_task("detection")(cfg, "cpu").load_eval()
+    cfg = load_config(None, [f"data.shards={data / 'shards'}", f"data.eval={data / 'canvases'}", "task=detection",
+                             "data.image_size=64", "detection.eval_size=128", "data.loader=torch"])  # fmt: skip
+    eval_set = get_task("detection")(cfg, "cpu").load_eval()
+    assert eval_set["images"].shape[1:] == (3, 128, 128) and torch.all(eval_set["scales"] == 2.0)

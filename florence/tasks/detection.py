@@ -8,8 +8,9 @@ by ``make_detection_loader`` (DALI's image decoder where it imports, else PIL), 
 (``detection.scale_range``) and crop for training. Loss: ATSS's (focal, centerness-weighted GIoU x 2, centerness
 BCE), normalised by the positives averaged over ranks; gradient accumulation in micro-batches of ``chunk_size``
 images. Evaluation: the held-out images (``data.eval``: the folder with ``detection.eval_annotations``, a COCO
-instances JSON, and its images) at the evaluation scale, detections in COCO's results format (written to
-``<output_dir>/detections.json`` by rank 0) and pycocotools' COCOeval: AP@[.5:.95], AP50, AP75, APs, APm, APl.
+instances JSON, and its images) at the test scale ``detection.eval_size`` (default ``data.image_size``), detections
+in COCO's results format (written to ``<output_dir>/detections.json`` by rank 0) and pycocotools' COCOeval:
+AP@[.5:.95], AP50, AP75, APs, APm, APl.
 """
 
 from __future__ import annotations
@@ -91,7 +92,19 @@ class DetectionTask(Task):
         if not d.get("eval"):
             return None
         annotations = self.cfg["detection"]["eval_annotations"]
-        return load_detection_eval_set(d["eval"], d["image_size"], annotations=annotations, backend=d["loader"])
+        return load_detection_eval_set(d["eval"], self.eval_size(), annotations=annotations, backend=d["loader"])
+
+    def eval_size(self) -> int:
+        """The test scale: ``detection.eval_size`` (held-out images resized so that their longer side is this many
+        pixels, a multiple of 32), else ``data.image_size``. Detectors are commonly tested above their images'
+        native size (COCO's ~640-px images at a shorter side of 800); small objects gain most."""
+        size = self.cfg["detection"].get("eval_size")
+        if size is None:
+            return self.cfg["data"]["image_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 32 or size % 32:
+            raise ValueError(f"detection.eval_size: expected a positive multiple of 32 (the backbone's largest stride) "
+                             f"or null, got {size!r}")  # fmt: skip
+        return size
 
     @torch.no_grad()
     def evaluate(self, engine, eval_set, autocast):
