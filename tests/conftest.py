@@ -47,3 +47,42 @@ def requires(name: str):
 
     reason = missing(name)
     return pytest.mark.skipif(reason is not None, reason=f"optional package missing: {reason}")
+
+
+# --- florence.train in a subprocess (the task tests) ------------------------------------------------------------
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(args: list[str], out, nproc: int = 1, port_base: int = 29600):
+    """``python -m florence.train --set output_dir=<out> <args>`` from the repository root, under torchrun with
+    ``nproc`` CPU ranks (gloo; master port ``port_base`` + pid % 1000) when nproc > 1; asserts exit 0 (showing the
+    output's tail) and returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(port_base + os.getpid() % 1000)] if nproc > 1 else [sys.executable]  # fmt: skip
+    cmd = launcher + ["-m", "florence.train", "--set", f"output_dir={out}"] + list(args)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def build_image_shards(root) -> None:
+    """The built-in digits at 32 px under ``root/digits`` and their curated shards under ``root/image_shards`` (what
+    a pretraining checkpoint for the task tests trains on)."""
+    from florence.data import builtin, curate
+
+    builtin.build_digits(str(root / "digits"), size=32)
+    curate.main(["--input", str(root / "digits" / "train.jsonl"), "--out", str(root / "image_shards"), "--min-size",
+                 "8", "--near-dup-threshold", "-1", "--shard-size", "512", "--quiet"])  # fmt: skip
+
+
+def pretrain_zero_steps(root, out, zero_stage: int = 0) -> None:
+    """A pretraining run of 0 steps (florence_cpu_test, 32 px) on ``root/image_shards``: its checkpoint in ``out``
+    holds the parameters the run was built with."""
+    run_train([f"data.shards={root / 'image_shards'}", "data.eval=null", "data.image_size=32", "data.loader=torch",
+               "data.num_workers=0", "model=florence_cpu_test", "model_overrides.vision.drop_path_rate=0.0",
+               "batch_size=16", "precision=fp32", f"zero_stage={zero_stage}", "steps=0"], out)  # fmt: skip

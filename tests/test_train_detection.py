@@ -6,17 +6,14 @@ naming the key."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from florence.data import builtin, curate
 from florence.tasks import get_task
 from florence.train import DEFAULTS, load_config
+from tests.conftest import build_image_shards, pretrain_zero_steps, run_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("deepspeed")
 pytest.importorskip("pycocotools")
 
@@ -28,38 +25,24 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("detect_train")
     build_digit_canvases(str(root / "canvases"), size=64, train_canvases=24, test_canvases=8, quiet=True)
     curate_detection(str(root / "canvases" / "train.json"), str(root / "shards"), shard_size=16)
-    builtin.build_digits(str(root / "digits"), size=32)
-    curate.main(["--input", str(root / "digits" / "train.jsonl"), "--out", str(root / "image_shards"), "--min-size",
-                 "8", "--near-dup-threshold", "-1", "--shard-size", "512", "--quiet"])  # fmt: skip
+    build_image_shards(root)
     return root
-
-
-def _train(args, out, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(29700 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]  # fmt: skip
-    cmd = launcher + ["-m", "florence.train", "--set", f"output_dir={out}"] + args
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
 def pretrained(data, tmp_path_factory):
     """A pretraining run of 0 steps, ZeRO 0: its checkpoint holds the parameters the run was built with."""
     out = tmp_path_factory.mktemp("pretrained") / "zero0"
-    _train([f"data.shards={data / 'image_shards'}", "data.eval=null", "data.image_size=32", "data.loader=torch",
-            "data.num_workers=0", "model=florence_cpu_test", "model_overrides.vision.drop_path_rate=0.0",
-            "batch_size=16", "precision=fp32", "zero_stage=0", "steps=0"], out)  # fmt: skip
+    pretrain_zero_steps(data, out)
     return out
 
 
 def _detect(data, out, *extra, nproc=1):
-    return _train([f"data.shards={data / 'shards'}", f"data.eval={data / 'canvases'}", "data.image_size=64",
-                   "data.loader=torch", "task=detection", "model=florence_cpu_test", "detection.fpn_channels=32",
-                   "detection.num_blocks=1", "detection.drop_path_rate=0.0", "batch_size=4", "precision=fp32",
-                   "zero_stage=2", "schedule.warmup_steps=1", "schedule.min_lr_ratio=1.0", "optimizer.lr=0.001",
-                   *extra], out, nproc)  # fmt: skip
+    return run_train([f"data.shards={data / 'shards'}", f"data.eval={data / 'canvases'}", "data.image_size=64",
+                      "data.loader=torch", "task=detection", "model=florence_cpu_test", "detection.fpn_channels=32",
+                      "detection.num_blocks=1", "detection.drop_path_rate=0.0", "batch_size=4", "precision=fp32",
+                      "zero_stage=2", "schedule.warmup_steps=1", "schedule.min_lr_ratio=1.0", "optimizer.lr=0.001",
+                      *extra], out, nproc, port_base=29700)  # fmt: skip
 
 
 def _losses(out):
@@ -163,3 +146,33 @@ def test_eval_size_errors_name_the_key(data):
                              "data.image_size=64", "detection.eval_size=128", "data.loader=torch"])  # fmt: skip
     eval_set = get_task("detection")(cfg, "cpu").load_eval()
     assert eval_set["images"].shape[1:] == (3, 128, 128) and torch.all(eval_set["scales"] == 2.0)
+
+
+def test_demo_prints_the_headline_lines_and_writes_its_summary(data, pretrained, tmp_path):
+    """florence.demos.detection (make demo-detect) on the test data: both runs, summary.json, the curve plot and the
+    two headline lines last."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    config = tmp_path / "detect.yaml"
+    config.write_text(json.dumps({
+        "task": "detection", "model": "florence_cpu_test", "batch_size": 4, "precision": "fp32", "zero_stage": 2,
+        "steps": 2, "eval_interval": 1, "checkpoint_interval": 0, "schedule": {"warmup_steps": 1},
+        "data": {"shards": str(data / "shards"), "eval": str(data / "canvases"), "image_size": 64, "loader": "torch"},
+        "detection": {"fpn_channels": 32, "num_blocks": 1, "drop_path_rate": 0.0, "eval_size": 96},
+        "optimizer": {"lr": 1e-3, "lr_multipliers": {"backbone.": 0.5}}}))  # fmt: skip
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "florence.demos.detection", "--init", str(pretrained), "--config", str(config),
+           "--out", str(out), "--nproc", "1"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2].startswith("detection AP: ") and "random init" in lines[-2], lines[-4:]
+    assert lines[-1].startswith("AP50: ") and "(random init " in lines[-1], lines[-4:]
+    summary = json.load(open(out / "summary.json"))
+    assert set(summary) == {"pretrained", "random"} and all(r["step"] == 2 for r in summary.values())
+    assert f"{summary['pretrained']['AP50']:.3f}" in lines[-1] and f"{summary['random']['AP']:.3f}" in lines[-2]
+    assert os.path.getsize(out / "ap_curves.png") > 1000

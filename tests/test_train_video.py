@@ -6,18 +6,16 @@ from)."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from florence.data import builtin, curate
+from florence.data import builtin
 from florence.data.video import curate_videos
 from florence.tasks import get_task
 from florence.train import DEFAULTS, load_config
+from tests.conftest import build_image_shards, pretrain_zero_steps, run_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("deepspeed")
 pytest.importorskip("av")
 
@@ -27,33 +25,15 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("video_train")
     builtin.build_moving_digits(str(root / "clips"), size=32, frames=8, limit=48, quiet=True)
     curate_videos([str(root / "clips" / "train.jsonl")], str(root / "shards"), shard_size=32)
-    builtin.build_digits(str(root / "digits"), size=32)
-    curate.main(["--input", str(root / "digits" / "train.jsonl"), "--out", str(root / "image_shards"), "--min-size",
-                 "8", "--near-dup-threshold", "-1", "--shard-size", "512", "--quiet"])  # fmt: skip
+    build_image_shards(root)
     return root
 
 
-def _train(args, out, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(29600 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]  # fmt: skip
-    cmd = launcher + ["-m", "florence.train", "--set", f"output_dir={out}"] + args
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def _pretrain(data, out, stage):
-    _train([f"data.shards={data / 'image_shards'}", "data.eval=null", "data.image_size=32", "data.loader=torch",
-            "data.num_workers=0", "model=florence_cpu_test", "model_overrides.vision.drop_path_rate=0.0",
-            "batch_size=16", "precision=fp32", f"zero_stage={stage}", "steps=0"], out)  # fmt: skip
-
-
 def _video(data, out, *extra):
-    return _train([f"data.shards={data / 'shards'}", f"data.eval={data / 'clips'}", "data.image_size=32",
-                   "data.loader=pyav", "task=video", "model=florence_cpu_test", "video.frames=4",
-                   "video.frame_stride=2", "batch_size=8", "precision=fp32", "zero_stage=2",
-                   "schedule.warmup_steps=1", "schedule.min_lr_ratio=1.0", "optimizer.lr=0.001", *extra],
+    return run_train([f"data.shards={data / 'shards'}", f"data.eval={data / 'clips'}", "data.image_size=32",
+                      "data.loader=pyav", "task=video", "model=florence_cpu_test", "video.frames=4",
+                      "video.frame_stride=2", "batch_size=8", "precision=fp32", "zero_stage=2",
+                      "schedule.warmup_steps=1", "schedule.min_lr_ratio=1.0", "optimizer.lr=0.001", *extra],
                   out)  # fmt: skip
 
 
@@ -61,7 +41,7 @@ def _video(data, out, *extra):
 def pretrained(data, tmp_path_factory):
     """A pretraining run of 0 steps, ZeRO 0: its checkpoint holds the parameters the run was built with."""
     out = tmp_path_factory.mktemp("pretrained") / "zero0"
-    _pretrain(data, out, 0)
+    pretrain_zero_steps(data, out, 0)
     return out
 
 
@@ -75,7 +55,7 @@ def test_load_florence_reads_zero_0_and_zero_3_checkpoints(data, pretrained, tmp
 
     torch.manual_seed(0)  # what the run does before building its model
     expected = create_model("florence_cpu_test", vision={"drop_path_rate": 0.0}).state_dict()
-    _pretrain(data, tmp_path / "zero3", 3)
+    pretrain_zero_steps(data, tmp_path / "zero3", 3)
     for run in (pretrained, tmp_path / "zero3"):
         for path in (run, run / "checkpoints" / "step0000000"):
             got = load_florence(str(path)).state_dict()

@@ -3,6 +3,7 @@ baselines) and prints one headline line last. Shared here: one training run unde
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,6 +11,20 @@ import sys
 import time
 
 from florence_kernels._io import atomic_write
+
+
+def parse_demo_args(doc: str, config: str, out: str, argv=None) -> argparse.Namespace:
+    """The demos' command line: ``--init`` (make demo's run), ``--config``, ``--out`` (created), ``--nproc`` (CPU
+    ranks per run), ``--set KEY=VALUE ...`` (overrides for every run); ``doc``'s first paragraph is the help."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--init", default="runs/demo", help="make demo's run (or any pretrained Florence)")
+    p.add_argument("--config", default=config)
+    p.add_argument("--out", default=out)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    return args
 
 
 def run_training(name: str, out: str, config: str, overrides: list[str], init: str | None, nproc: int, port: int,

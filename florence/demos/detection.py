@@ -14,12 +14,11 @@ Exits 1 when a run fails.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from florence.demos import plot_curves, run_training
+from florence.demos import parse_demo_args, plot_curves, run_training
 from florence_kernels._io import atomic_write_text
 
 RUNS = (("pretrained", True), ("random", False))
@@ -27,14 +26,7 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--init", default="runs/demo", help="make demo's run (or any pretrained Florence)")
-    p.add_argument("--config", default="configs/detection.yaml")
-    p.add_argument("--out", default="runs/demo-detect")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
-    args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    args = parse_demo_args(__doc__, "configs/detection.yaml", "runs/demo-detect", argv)
     results = {}
     try:
         for i, (name, init) in enumerate(RUNS):

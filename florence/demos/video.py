@@ -14,12 +14,11 @@ the three runs) and prints the table and, last, one line: ``video top-1: N% ...`
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from florence.demos import plot_curves, run_training
+from florence.demos import parse_demo_args, plot_curves, run_training
 from florence_kernels._io import atomic_write_text
 
 RUNS = (("inflated", True, "clip"), ("random", False, "clip"), ("single_frame", True, "single"))
@@ -36,14 +35,7 @@ def _run(i, name, init, mode, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--init", default="runs/demo", help="make demo's run (or any pretrained Florence)")
-    p.add_argument("--config", default="configs/video.yaml")
-    p.add_argument("--out", default="runs/demo-video")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
-    args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    args = parse_demo_args(__doc__, "configs/video.yaml", "runs/demo-video", argv)
     results = {}
     try:
         for i, (name, init, mode) in enumerate(RUNS):
