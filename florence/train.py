@@ -149,6 +149,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> dict:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value (nested keys with dots: optimizer.lr=1e-3)")
         key, value = item.split("=", 1)
+        if key.startswith("optimizer.lr_multipliers."):  # its keys are name prefixes, which hold dots themselves
+            raise ValueError(f"--set {key}: give the whole mapping, e.g. --set 'optimizer.lr_multipliers="
+                             f'{{"backbone.": 0.5}}\' (it replaces the configured one)')  # fmt: skip
         node, parts = cfg, key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -161,7 +164,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> dict:
         raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {cfg['zero_stage']!r}")
     from florence.tasks import get_task
 
-    get_task(cfg["task"])  # ValueError naming the known tasks
+    check_lr_multipliers(cfg["optimizer"].get("lr_multipliers"))
+    get_task(cfg["task"]).check_config(cfg)  # ValueError naming the known tasks, or the task's key at fault
     if not cfg["data"].get("shards"):
         raise ValueError("data.shards: the curated shard folder (python -m florence.data.curate) is required")
     return cfg
@@ -224,39 +228,56 @@ def lr_lambda(cfg):
     return f
 
 
+def check_lr_multipliers(lr_multipliers) -> dict:
+    """``optimizer.lr_multipliers`` checked: a mapping (or null) of parameter-name prefixes (str) to positive finite
+    factors; returns it as a dict. ValueError naming the entry at fault."""
+    if lr_multipliers is None:
+        return {}
+    if not isinstance(lr_multipliers, dict):
+        raise ValueError(f"optimizer.lr_multipliers: expected a mapping of parameter-name prefix to factor, got "
+                         f"{lr_multipliers!r}")  # fmt: skip
+    for key, factor in lr_multipliers.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"optimizer.lr_multipliers: keys are parameter-name prefixes (non-empty str), got {key!r}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+            raise ValueError(f"optimizer.lr_multipliers[{key!r}]: expected a positive finite number, got {factor!r}")
+    return dict(lr_multipliers)
+
+
 def param_groups(wrapper, prefix: str, no_decay: set[str], lr: float, weight_decay: float,
                  lr_multipliers: dict) -> list[dict]:  # fmt: skip
     """AdamW's parameter groups over ``wrapper``'s parameters (the model inside it named ``prefix``): weight decay
     except on the names in ``no_decay``, and lr x the factor of the longest prefix in ``lr_multipliers`` (config
-    ``optimizer.lr_multipliers``; prefixes of the names in the model, e.g. {"backbone.": 0.5}) that the name
-    starts with, else x 1; the schedule scales every group alike. Groups at factor 1 come first (metrics.jsonl's
-    "lr" is the first group's: the base rate). The fine-tuning recipes of ViTDet, METER and DETR train a pretrained
-    backbone slower than the new layers. Raises ValueError for a factor that is not a positive number or a prefix
-    that matches no parameter (a typo would silently train at the base lr)."""
-    if not isinstance(lr_multipliers, dict):
-        raise ValueError(f"optimizer.lr_multipliers: expected a mapping of parameter-name prefix to factor, got "
-                         f"{lr_multipliers!r}")  # fmt: skip
+    ``optimizer.lr_multipliers``; prefixes of the parameter names in the model, e.g. {"backbone.": 0.5}) that the
+    name starts with, else x 1; the schedule scales every group alike. Each group holds "lr_factor". Order: the
+    unprefixed groups first (decayed, then not), then one pair per prefix in sorted order, so that a changed factor
+    keeps the layout a checkpoint's optimizer state was saved with. The fine-tuning recipes of ViTDet, METER and
+    DETR train a pretrained backbone slower than the new layers. ValueError (``check_lr_multipliers``) for a bad
+    entry, or for a prefix that matches no parameter (a typo would silently train at the base lr)."""
+    lr_multipliers = check_lr_multipliers(lr_multipliers)
     named = [(n, n[len(prefix) :] if n.startswith(prefix) else n, p) for n, p in wrapper.named_parameters()]
-    for key, factor in lr_multipliers.items():
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ValueError(f"optimizer.lr_multipliers[{key!r}]: expected a positive number, got {factor!r}")
-        if not any(m.startswith(str(key)) for _, m, _ in named):
+    for key in lr_multipliers:
+        if not any(m.startswith(key) for _, m, _ in named):
             roots = sorted({m.split(".")[0] + "." for _, m, _ in named})
             raise ValueError(f"optimizer.lr_multipliers[{key!r}]: no parameter name starts with it (top-level "
                              f"modules: {roots})")  # fmt: skip
-    groups: dict[tuple[float, bool], list] = {}
+    groups: dict[tuple[str, bool], list] = {}
     for n, m, p in named:
-        keys = [k for k in lr_multipliers if m.startswith(k)]
-        factor = float(lr_multipliers[max(keys, key=len)]) if keys else 1.0
-        groups.setdefault((factor, n in no_decay), []).append(p)
-    order = sorted(groups, key=lambda g: (g[0] != 1.0, -g[0], g[1]))
-    return [{"params": groups[(f, plain)], "lr": lr * f, "weight_decay": 0.0 if plain else weight_decay}
-            for f, plain in order]  # fmt: skip
+        key = max((k for k in lr_multipliers if m.startswith(k)), key=len, default="")
+        groups.setdefault((key, n in no_decay), []).append(p)
+    out = []
+    for key, plain in sorted(groups):
+        factor = float(lr_multipliers[key]) if key else 1.0
+        out.append({"params": groups[(key, plain)], "lr": lr * factor, "lr_factor": factor,
+                    "weight_decay": 0.0 if plain else weight_decay})  # fmt: skip
+    return out
 
 
 def build_engine(cfg, model, world, device, wrapper=None, no_decay_names=None):
     """DeepSpeed's engine over ``wrapper`` (default: TrainWrapper(model)); AdamW without weight decay on
-    ``no_decay_names`` (names in ``model``; default: model.no_weight_decay_names())."""
+    ``no_decay_names`` (names in ``model``; default: model.no_weight_decay_names()), lr per ``param_groups``.
+    Returns (engine, per-rank batch, chunk, group 0's lr factor). ValueError for a batch that does not split over
+    the ranks and chunks, or a bad ``optimizer.lr_multipliers``."""
     from florence.optional import require
 
     deepspeed = require("deepspeed", "florence.train")
@@ -289,7 +310,7 @@ def build_engine(cfg, model, world, device, wrapper=None, no_decay_names=None):
             raise ValueError("precision fp16: DeepSpeed's loss-scaled fp16 needs a GPU; use bf16 or fp32 on CPU")
         ds["fp16"] = {"enabled": True}
     engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    return engine, per_rank, chunk
+    return engine, per_rank, chunk, groups[0]["lr_factor"]
 
 
 # --- one step ----------------------------------------------------------------------------------------------------
@@ -535,7 +556,8 @@ def run(cfg: dict) -> dict:
 
     model = task.build_model()
     model.set_grad_checkpointing(bool(cfg["activation_checkpointing"]))
-    engine, per_rank, chunk = build_engine(cfg, model, world, device, task.wrap(model), task.no_weight_decay(model))
+    engine, per_rank, chunk, lr_factor = build_engine(cfg, model, world, device, task.wrap(model),
+                                                      task.no_weight_decay(model))  # fmt: skip
     step = load_checkpoint(engine, ckpt_dir, rank) if cfg["resume"] else 0
     loader = task.make_loader(rank, world, per_rank)
     steps_per_epoch = len(loader)
@@ -558,7 +580,9 @@ def run(cfg: dict) -> dict:
             if step >= cfg["steps"]:
                 break
             t0 = time.time()
-            lr = engine.get_lr()[0]  # the rate this step runs at: train_step steps the scheduler to the next one
+            # the base rate this step runs at (group 0's over its lr_multipliers factor); train_step steps the
+            # scheduler to the next one
+            lr = engine.get_lr()[0] / lr_factor
             loss = task.train_step(engine, batch, chunk, autocast)
             step += 1
             if delay:

@@ -176,27 +176,39 @@ def test_lr_multipliers_give_each_parameter_the_longest_matching_prefix_factor()
 
     w = Wrapper()
     no_decay = {"model.backbone.0.bias", "model.head.bias", "scale"}
-    groups = param_groups(w, "model.", no_decay, 2e-3, 0.05, {"backbone.": 0.5, "backbone.1.": 0.25, "head.": 10})
+    mult = {"backbone.": 0.5, "backbone.1.": 0.25, "head.": 10}
+    groups = param_groups(w, "model.", no_decay, 2e-3, 0.05, mult)
     names = {id(p): n for n, p in w.named_parameters()}
-    got = {(g["lr"], g["weight_decay"]): sorted(names[id(p)] for p in g["params"]) for g in groups}
-    assert got == {
-        (2e-3, 0.0): ["scale"],
-        (2e-2, 0.05): ["model.head.weight"],
-        (2e-2, 0.0): ["model.head.bias"],
-        (1e-3, 0.05): ["model.backbone.0.weight"],
-        (1e-3, 0.0): ["model.backbone.0.bias"],
-        (5e-4, 0.05): ["model.backbone.1.bias", "model.backbone.1.weight"],
-    }
-    assert groups[0]["lr"] == 2e-3  # the base rate first: metrics.jsonl logs group 0's lr
-    assert sum(len(g["params"]) for g in groups) == len(list(w.parameters()))
+    got = [(g["lr"], g["lr_factor"], g["weight_decay"], sorted(names[id(p)] for p in g["params"])) for g in groups]
+    assert got == [  # the unprefixed groups first, then the prefixes in sorted order: a layout factors do not change
+        (2e-3, 1.0, 0.0, ["scale"]),
+        (1e-3, 0.5, 0.05, ["model.backbone.0.weight"]),
+        (1e-3, 0.5, 0.0, ["model.backbone.0.bias"]),
+        (5e-4, 0.25, 0.05, ["model.backbone.1.bias", "model.backbone.1.weight"]),
+        (2e-2, 10.0, 0.05, ["model.head.weight"]),
+        (2e-2, 10.0, 0.0, ["model.head.bias"]),
+    ]
+    reordered = param_groups(w, "model.", no_decay, 2e-3, 0.05, mult | {"head.": 0.1, "backbone.": 3.0})
+    assert [[id(p) for p in g["params"]] for g in reordered] == [[id(p) for p in g["params"]] for g in groups]
     plain = param_groups(w, "model.", no_decay, 2e-3, 0.05, {})
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain] == [(2e-3, 0.05, 4), (2e-3, 0.0, 3)]
-    for bad, match in [({"backbone.": 0}, r"lr_multipliers\['backbone.'\]: expected a positive number, got 0"),
-                       ({"backbone.": True}, "expected a positive number, got True"),
-                       ({"head.": "2"}, "expected a positive number, got '2'"),
-                       ({"backbone.": float("nan")}, "expected a positive number, got nan"),
+    for bad, match in [({"backbone.": 0}, r"lr_multipliers\['backbone.'\]: expected a positive finite number, got 0"),
+                       ({"backbone.": True}, "expected a positive finite number, got True"),
+                       ({"head.": "2"}, "expected a positive finite number, got '2'"),
+                       ({"backbone.": float("nan")}, "expected a positive finite number, got nan"),
+                       ({"backbone.": float("inf")}, "expected a positive finite number, got inf"),
+                       ({0: 0.5}, "keys are parameter-name prefixes \\(non-empty str\\), got 0"),
                        ({"bakcbone.": 0.5}, r"lr_multipliers\['bakcbone.'\]: no parameter name starts with it "
                                             r"\(top-level modules: \['backbone.', 'head.', 'scale.'\]\)"),
                        ([0.5], "expected a mapping of parameter-name prefix to factor, got \\[0.5\\]")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             param_groups(w, "model.", no_decay, 2e-3, 0.05, bad)
+
+
+def test_lr_multipliers_are_checked_when_the_config_loads():
+    cfg = load_config(None, ["data.shards=x", 'optimizer.lr_multipliers={"backbone.": 0.5, "head.": 2}'])
+    assert cfg["optimizer"]["lr_multipliers"] == {"backbone.": 0.5, "head.": 2}
+    with pytest.raises(ValueError, match=r"--set optimizer.lr_multipliers.backbone.: give the whole mapping"):
+        load_config(None, ["data.shards=x", "optimizer.lr_multipliers.backbone.=0.5"])
+    with pytest.raises(ValueError, match=r"lr_multipliers\['backbone.'\]: expected a positive finite number"):
+        load_config(None, ["data.shards=x", 'optimizer.lr_multipliers={"backbone.": -1}'])

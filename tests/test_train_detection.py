@@ -123,11 +123,13 @@ def test_backbone_lr_multiplier_and_test_scale_reach_the_run(data, pretrained, t
     assert backbone, sorted(ckpt)[:5]
     for k, v in backbone.items():
         torch.testing.assert_close(v, visual[k], rtol=0, atol=1e-8, msg=k)
-    fresh = get_task("detection")(load_config(None, [f"data.shards={data / 'shards'}", "task=detection",
-                                                     "model=florence_cpu_test", f"init={pretrained}",
-                                                     "detection.fpn_channels=32",
-                                                     "detection.num_blocks=1"]), "cpu").build_model()  # fmt: skip
-    moved = [k for k, v in fresh.state_dict().items() if not k.startswith("backbone.") and v.is_floating_point()
+    # the parameters the run started from: the same command at 0 steps (its checkpoint holds them)
+    _detect(data, tmp_path / "start", "steps=0", "checkpoint_interval=0", "eval_interval=0", "data.eval=null",
+            "--init", str(pretrained))  # fmt: skip
+    start = torch.load(tmp_path / "start" / "checkpoints" / "step0000000" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)["module"]  # fmt: skip
+    assert all(torch.equal(start["backbone." + k], visual[k]) for k in backbone)
+    moved = [k for k, v in start.items() if not k.startswith("backbone.") and v.is_floating_point()
              and not torch.equal(v, ckpt[k])]  # fmt: skip
     assert any(k.startswith("dyhead.") for k in moved) and any(k.startswith("fpn.") for k in moved), moved
     dets = json.load(open(out / "detections.json"))
@@ -137,11 +139,10 @@ def test_backbone_lr_multiplier_and_test_scale_reach_the_run(data, pretrained, t
 
 
 def test_eval_size_errors_name_the_key(data):
-    for bad in (100, 0, True, "large", 64.0):
-        cfg = load_config(None, [f"data.shards={data / 'shards'}", f"data.eval={data / 'canvases'}", "task=detection",
-                                 f"detection.eval_size={bad}"])  # fmt: skip
+    for bad in (100, 0, True, "large", 64.0):  # refused when the config loads, before any process group or model
         with pytest.raises(ValueError, match="detection.eval_size: expected a positive multiple of 32"):
-            get_task("detection")(cfg, "cpu").load_eval()
+            load_config(None, [f"data.shards={data / 'shards'}", f"data.eval={data / 'canvases'}", "task=detection",
+                               f"detection.eval_size={bad}"])  # fmt: skip
     cfg = load_config(None, [f"data.shards={data / 'shards'}", f"data.eval={data / 'canvases'}", "task=detection",
                              "data.image_size=64", "detection.eval_size=128", "data.loader=torch"])  # fmt: skip
     eval_set = get_task("detection")(cfg, "cpu").load_eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ def run_training(name: str, out: str, config: str, overrides: list[str], init: s
     if init:
         cmd += ["--init", init]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    print(f"--- {name}: {' '.join(cmd[2:])}", flush=True)
+    print(f"--- {name}: {shlex.join(cmd[2:])}", flush=True)
     t0 = time.time()
     if subprocess.run(cmd, env=env).returncode != 0:
         raise RuntimeError(f"run {name} failed (see its output above)")

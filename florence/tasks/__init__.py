@@ -47,6 +47,11 @@ class Task:
     def __init__(self, cfg: dict, device: str):
         self.cfg, self.device = cfg, device
 
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        """Checks of the task's own config keys at load time (before any process group, model or data): ValueError
+        naming the key. None by default."""
+
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
 

@@ -94,17 +94,21 @@ class DetectionTask(Task):
         annotations = self.cfg["detection"]["eval_annotations"]
         return load_detection_eval_set(d["eval"], self.eval_size(), annotations=annotations, backend=d["loader"])
 
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        size = cfg["detection"].get("eval_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 32 or size % 32):
+            raise ValueError(f"detection.eval_size: expected a positive multiple of 32 (the backbone's largest stride) "
+                             f"or null, got {size!r}")  # fmt: skip
+
     def eval_size(self) -> int:
         """The test scale: ``detection.eval_size`` (held-out images resized so that their longer side is this many
         pixels, a multiple of 32), else ``data.image_size``. Detectors are commonly tested above their images'
-        native size (COCO's ~640-px images at a shorter side of 800); small objects gain most."""
+        native size (COCO's ~640-px images at a shorter side of 800); small objects gain most. ValueError for a size
+        that is not a positive multiple of 32 (also raised by ``check_config`` when the config loads)."""
+        self.check_config(self.cfg)
         size = self.cfg["detection"].get("eval_size")
-        if size is None:
-            return self.cfg["data"]["image_size"]
-        if not isinstance(size, int) or isinstance(size, bool) or size < 32 or size % 32:
-            raise ValueError(f"detection.eval_size: expected a positive multiple of 32 (the backbone's largest stride) "
-                             f"or null, got {size!r}")  # fmt: skip
-        return size
+        return self.cfg["data"]["image_size"] if size is None else size
 
     @torch.no_grad()
     def evaluate(self, engine, eval_set, autocast):
