@@ -127,8 +127,13 @@ class CoSwin(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_features): final LayerNorm, global average pool."""
+        return self.forward_tokens(images).mean(dim=(1, 2))
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, H / 32, W / 32, num_features): the last stage's tokens through the final LayerNorm,
+        before pooling (channels-last; what METER's image stream takes)."""
         *_, last = self._stages(images)
-        return self.norm(last).mean(dim=(1, 2))
+        return self.norm(last)
 
     def forward_pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> the stage outputs (B, C_i, H / 2^(i+2), W / 2^(i+2)), each through its LayerNorm, as

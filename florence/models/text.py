@@ -146,6 +146,13 @@ class TextTransformer(nn.Module):
             blk.attn.attn_backend = attn_backend
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.forward_tokens(tokens)
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, width): every position's state after ``ln_final`` (causal: position i has seen
+        tokens 0..i; what METER's text stream takes). ValueError for tokens that are not (B, L) integers or longer
+        than the context."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens: expected (B, L) integer token ids, got {got}")
@@ -153,5 +160,4 @@ class TextTransformer(nn.Module):
         if L > self.context_length:
             raise ValueError(f"tokens: {L} positions exceed the context length {self.context_length}")
         x = self.token_embedding(tokens) + self.positional_embedding[:L]
-        x = self.ln_final(self.transformer(x))
-        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return self.ln_final(self.transformer(x))

@@ -1,0 +1,308 @@
+"""METER's co-attention fusion on Florence's two towers: the vision-language adapter (Florence section 3.3,
+../shared/SPEC.md section 8; METER, Dou et al. 2022, "An Empirical Study of Training End-to-End Vision-and-Language
+Transformers", its co-attention "merged attention"-free variant and its VQAv2 head).
+
+Streams:
+- image: CoSwin's last-stage tokens after its final LayerNorm (``CoSwin.forward_tokens``: (B, h, w, C), h = H / 32),
+  flattened row-major to (B, h w, C) -> Linear(C, width) + a fixed 2D sine-cosine position embedding (MAE's; METER's
+  CLIP-ViT carries absolute positions in its tokens, a Swin does not, and questions about "left" and "right" need
+  them) + token type 1.
+- text: the text tower's every token state (``TextTransformer.forward_tokens``: (B, L, text width), causal) ->
+  Linear(text width, width) + token type 0; the positions after each row's end-of-text token (the row's largest
+  id, CLIP's convention; CLIP's tokenizer pads with 0) are masked out of every attention over text.
+
+Fusion: ``layers`` co-attention layers per stream (:class:`CoAttentionLayer`, METER's BertCrossLayer): self-attention
+-> cross-attention (queries from its own stream, keys and values from the other stream's previous-layer states, the
+other stream's padding mask) -> feed-forward (GELU), each sub-layer ``LayerNorm(x + dropout(sublayer(x)))`` (post-LN,
+BERT's). Both streams update in parallel from the previous layer's states. Attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` with a boolean key mask, so a padded key gets exactly zero
+weight (softmax of -inf); on a GPU, SDPA dispatches to its fused (memory-efficient / flash) kernels.
+
+Pooling (METER's poolers): text = tanh(Linear(first token's state)); image = tanh(Linear(mean of the image tokens));
+pooled = concat(text, image): (B, 2 width). Heads: VQA (METER's vqa_classifier: Linear(2w, 2w) -> LayerNorm -> GELU
+-> Linear(2w, num_answers), trained with binary cross-entropy on VQA's soft scores, times the number of answers as
+METER does: :func:`vqa_loss`) and image-text matching (Linear(2w, 2)).
+
+``question_only=True`` builds the question-only baseline: no image tower and no cross-attention (each layer is
+self-attention -> feed-forward), pooled = the text pooler's output (B, width), the same VQA head on width inputs.
+
+Parameters of one :class:`CoAttentionLayer` of width w and feed-forward ratio r (derivation, tested):
+self-attention 4 w^2 + 4 w (q, k, v, out with biases) + cross-attention 4 w^2 + 4 w + feed-forward 2 r w^2 + r w + w
++ three LayerNorms 6 w = (8 + 2 r) w^2 + (15 + r) w; r = 4: 16 w^2 + 19 w (w = 768: 9,451,776, METER's 9.45M).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from florence_kernels._io import atomic_write, atomic_write_text
+
+from .coswin import CoSwin
+from .text import TextTransformer
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+def coattention_param_count(width: int, mlp_ratio: float = 4.0, cross: bool = True) -> int:
+    """Parameters of one :class:`CoAttentionLayer` by the derivation in the module docstring."""
+    hidden = int(width * mlp_ratio)
+    attn = 4 * width * width + 4 * width
+    ffn = 2 * width * hidden + hidden + width
+    return attn * (2 if cross else 1) + ffn + 2 * width * (3 if cross else 2)
+
+
+def sincos_2d(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(h w, dim) fixed 2D sine-cosine position embedding (MAE's get_2d_sincos_pos_embed): the first half of the
+    channels encodes the column, the second the row, each as [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k / (dim /
+    4)), k < dim / 4. ValueError when dim is not a multiple of 4."""
+    if dim % 4:
+        raise ValueError(f"dim: the 2D sine-cosine embedding needs a multiple of 4, got {dim}")
+    k = torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim / 4)
+    omega = 1.0 / 10000**k
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float64),
+                            torch.arange(w, device=device, dtype=torch.float64), indexing="ij")  # fmt: skip
+    parts = []
+    for pos in (xs.reshape(-1), ys.reshape(-1)):
+        angle = pos[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).to(dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q, k, v and output projections (BERT's layout), through SDPA.
+
+    forward(x (B, Lq, w), context (B, Lk, w), key_mask (B, Lk) bool or None: True = attend) -> (B, Lq, w). A query
+    whose keys are all masked would have no distribution to take; the callers never build one (text keeps its
+    start token, images have no padding)."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"heads: {heads} does not divide the width {width}")
+        self.heads, self.dropout = heads, dropout
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x, context, key_mask=None):
+        B, Lq, W = x.shape
+        Lk, h = context.shape[1], self.heads
+        q = self.query(x).view(B, Lq, h, W // h).transpose(1, 2)
+        k = self.key(context).view(B, Lk, h, W // h).transpose(1, 2)
+        v = self.value(context).view(B, Lk, h, W // h).transpose(1, 2)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(o.transpose(1, 2).reshape(B, Lq, W))
+
+
+class CoAttentionLayer(nn.Module):
+    """One stream's co-attention layer (METER's BertCrossLayer), post-LN:
+
+        x = LN1(x + drop(SelfAttn(x, x, x_mask)))
+        x = LN2(x + drop(CrossAttn(x, other, other_mask)))     (skipped when cross=False)
+        x = LN3(x + drop(W2 GELU(W1 x)))
+
+    forward(x (B, L, w), x_mask (B, L) bool or None, other (B, L', w) or None, other_mask (B, L') or None) ->
+    (B, L, w). Parameters: :func:`coattention_param_count`."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.1, cross: bool = True):
+        super().__init__()
+        self.self_attn = Attention(width, heads, dropout)
+        self.ln1 = nn.LayerNorm(width)
+        self.cross = cross
+        if cross:
+            self.cross_attn = Attention(width, heads, dropout)
+            self.ln2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.ln3 = nn.LayerNorm(width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, x_mask=None, other=None, other_mask=None):
+        x = self.ln1(x + self.drop(self.self_attn(x, x, x_mask)))
+        if self.cross:
+            x = self.ln2(x + self.drop(self.cross_attn(x, other, other_mask)))
+        return self.ln3(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class METER(nn.Module):
+    """METER's co-attention model on a CoSwin image tower and Florence's text tower (see the module docstring).
+
+    Args:
+        vision, text: the towers' configs (``florence.models.get_config(name)["vision"]`` / ``["text"]``).
+        num_answers: the VQA answer vocabulary's size (>= 1).
+        width, heads, layers, mlp_ratio, dropout: the fusion (METER: 768, 12, 6, 4, 0.1).
+        question_only: the question-only baseline (no image tower, no cross-attention).
+        itm: build the image-text matching head (fine-tuning on VQA alone leaves it out: a parameter without a
+            gradient stalls DeepSpeed's reductions).
+        backend: florence_kernels backend of CoSwin's ops.
+
+    ``forward(images (B, 3, H, W) float or None, tokens (B, L) int)`` -> {"text": (B, L, width), "image": (B, h w,
+    width) (absent when question_only), "pooled": (B, 2 width) (question_only: (B, width)), "vqa_logits": (B,
+    num_answers), "itm_logits": (B, 2) (only with itm)}. ValueError for images that are not (B, 3, H, W)
+    with H, W multiples of 32, tokens that are not (B, L) integers, or batch sizes that differ.
+    """
+
+    def __init__(self, vision: dict, text: dict, num_answers: int, width: int = 768, heads: int = 12,
+                 layers: int = 6, mlp_ratio: float = 4.0, dropout: float = 0.1, question_only: bool = False,
+                 itm: bool = True, backend: str | None = None):  # fmt: skip
+        super().__init__()
+        for name, value, low in (("num_answers", num_answers, 1), ("width", width, 4), ("heads", heads, 1),
+                                 ("layers", layers, 0)):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        if width % 4 or width % heads:
+            raise ValueError(f"width: {width} must be a multiple of 4 (the 2D position embedding) and of heads {heads}")
+        vision = {k: v for k, v in dict(vision).items() if k != "backend"}
+        self.config = {"vision": vision, "text": dict(text), "num_answers": num_answers, "width": width,
+                       "heads": heads, "layers": layers, "mlp_ratio": mlp_ratio, "dropout": dropout,
+                       "question_only": question_only, "itm": itm and not question_only}  # fmt: skip
+        self.question_only, self.width, self.backend = question_only, width, backend
+        self.text = TextTransformer(**text)
+        self.text_proj = nn.Linear(self.text.width, width)
+        self.token_type = nn.Embedding(2, width)
+        cross = not question_only
+        self.text_layers = nn.ModuleList(
+            CoAttentionLayer(width, heads, mlp_ratio, dropout, cross) for _ in range(layers)
+        )
+        self.text_pooler = nn.Linear(width, width)
+        if not question_only:
+            self.visual = CoSwin(**vision, backend=backend)
+            # CoSwin's pyramid LayerNorms serve detection necks; METER reads the final LayerNorm's tokens. Left out,
+            # so that every parameter gets a gradient (DeepSpeed's reductions expect that).
+            self.visual.pyramid_norms = nn.ModuleList(nn.Identity() for _ in self.visual.pyramid_norms)
+            self.image_proj = nn.Linear(self.visual.num_features, width)
+            self.image_layers = nn.ModuleList(CoAttentionLayer(width, heads, mlp_ratio, dropout) for _ in range(layers))
+            self.image_pooler = nn.Linear(width, width)
+        if self.config["itm"]:
+            self.itm_head = nn.Linear(2 * width, 2)
+        pooled = width if question_only else 2 * width
+        self.vqa_head = nn.Sequential(nn.Linear(pooled, pooled), nn.LayerNorm(pooled), nn.GELU(),
+                                      nn.Linear(pooled, num_answers))  # fmt: skip
+        for name, module in self.named_children():  # the towers keep their own initialisation
+            if name not in ("text", "visual"):
+                module.apply(self._init_fusion)
+
+    @staticmethod
+    def _init_fusion(m):
+        """BERT's initialisation for the fusion layers and heads (METER's init_weights): normal(0, 0.02) weights,
+        zero biases, LayerNorms at (1, 0)."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_florence(cls, florence, num_answers: int, vision_overrides: dict | None = None, **kwargs) -> METER:
+        """METER on a pretrained Florence's towers (``florence.visual`` and ``florence.text`` weights copied; the
+        CoSwin pyramid norms and the contrastive projections are not used); the fusion and heads are fresh. With
+        ``question_only=True`` only the text tower is copied."""
+        from .florence import load_state_dict_strict
+
+        model = cls(florence.visual.config | dict(vision_overrides or {}), florence.config["text"], num_answers,
+                    **kwargs)  # fmt: skip
+        load_state_dict_strict(model.text, florence.text.state_dict(), source="florence.text")
+        if not model.question_only:
+            state = {k: v for k, v in florence.visual.state_dict().items() if not k.startswith("pyramid_norms.")}
+            load_state_dict_strict(model.visual, state, source="florence.visual")
+        return model
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.text.set_grad_checkpointing(enable)
+        if not self.question_only:
+            self.visual.set_grad_checkpointing(enable)
+
+    def _check(self, images, tokens):
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens: expected (B, L) integer token ids, got {got}")
+        if self.question_only:
+            return
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images: expected (B, 3, H, W), got {got}")
+        if images.shape[-1] % 32 or images.shape[-2] % 32 or images.shape[-1] == 0 or images.shape[-2] == 0:
+            raise ValueError(f"images: height and width must be positive multiples of 32 (CoSwin's last stride), got "
+                             f"{images.shape[-2]}x{images.shape[-1]}")  # fmt: skip
+        if images.shape[0] != tokens.shape[0]:
+            raise ValueError(f"images and tokens: batch sizes differ ({images.shape[0]} vs {tokens.shape[0]})")
+
+    def forward(self, images, tokens):
+        self._check(images, tokens)
+        # real tokens: up to each row's end-of-text token (the largest id, CLIP's convention, as the text tower pools)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        text_mask = positions[None] <= tokens.argmax(dim=-1, keepdim=True)
+        t = self.text_proj(self.text.forward_tokens(tokens)) + self.token_type.weight[0]
+        out = {}
+        if self.question_only:
+            for layer in self.text_layers:
+                t = layer(t, text_mask)
+        else:
+            grid = self.visual.forward_tokens(images)  # (B, h, w, C)
+            B, h, w, _ = grid.shape
+            pos = sincos_2d(h, w, self.width, device=grid.device, dtype=grid.dtype)
+            v = self.image_proj(grid.reshape(B, h * w, -1)) + pos + self.token_type.weight[1]
+            for text_layer, image_layer in zip(self.text_layers, self.image_layers, strict=True):
+                t, v = text_layer(t, text_mask, v, None), image_layer(v, None, t, text_mask)
+            out["image"] = v
+        pooled = torch.tanh(self.text_pooler(t[:, 0]))
+        if not self.question_only:
+            pooled = torch.cat([pooled, torch.tanh(self.image_pooler(v.mean(dim=1)))], dim=-1)
+        if self.config["itm"]:
+            out["itm_logits"] = self.itm_head(pooled)
+        out.update(text=t, pooled=pooled, vqa_logits=self.vqa_head(pooled))
+        return out
+
+    def no_weight_decay_names(self) -> set[str]:
+        """METER's recipe: no weight decay on biases, LayerNorms, embeddings (the text tower's token and position
+        embeddings, the token types) and CoSwin's relative position tables."""
+        return {n for n, p in self.named_parameters()
+                if p.dim() <= 1 or "embedding" in n or n.startswith("token_type.")
+                or "relative_position_bias_table" in n}  # fmt: skip
+
+    def save_pretrained(self, directory: str) -> None:
+        """config.json and model.safetensors in ``directory``, each written whole or not at all."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(os.path.join(directory, WEIGHTS_NAME),
+                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))  # fmt: skip
+        atomic_write_text(os.path.join(directory, CONFIG_NAME),
+                          json.dumps({"model": "meter", **self.config}, indent=2, sort_keys=True) + "\n")  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location="cpu", **overrides) -> METER:
+        """A model saved by :meth:`save_pretrained` (``backend``, ``dropout`` may be overridden); FileNotFoundError
+        for a folder without its files, ValueError for another model's config or mismatched weights."""
+        from safetensors.torch import load_file
+
+        from .florence import load_state_dict_strict
+
+        cfg_path, weights = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        for path in (cfg_path, weights):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{directory}: no {os.path.basename(path)} (expected a save_pretrained folder)")
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.pop("model", None) != "meter":
+            raise ValueError(f'{cfg_path}: not a METER config (no "model": "meter")')
+        model = cls(**(config | overrides))
+        load_state_dict_strict(model, load_file(weights, device=str(map_location)), source=weights)
+        return model
+
+
+def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """METER's VQA loss: binary cross-entropy with logits against VQA's soft scores, averaged over every (question,
+    answer) entry, times the number of answers (= summed over answers, averaged over questions). logits, targets:
+    (B, A) float; ValueError when the shapes differ."""
+    if logits.shape != targets.shape or logits.dim() != 2:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected equal (B, A)")
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float()) * targets.shape[1]

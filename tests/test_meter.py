@@ -1,0 +1,235 @@
+"""florence.models.METER: shapes, the text padding mask (padded tokens change nothing; masked keys get exactly zero
+weight), the co-attention layer against a literal implementation of its formula, the parameter count against the
+docstring's derivation, the question-only baseline, from_florence, save/load, the VQA loss and bad inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from florence.models import METER, create_model, get_config
+from florence.models.meter import Attention, CoAttentionLayer, coattention_param_count, sincos_2d, vqa_loss
+from florence.tokenizer import tokenize
+
+
+def _tiny(**kw):
+    cfg = get_config("florence_cpu_test")
+    args = {"width": 32, "heads": 4, "layers": 2, "dropout": 0.0} | kw
+    return METER(cfg["vision"], cfg["text"], 7, **args).eval()
+
+
+def _tokens(texts, length=16):
+    return tokenize(texts, length)
+
+
+def test_shapes_of_every_output():
+    torch.manual_seed(0)
+    m = _tiny()
+    tokens = _tokens(["how many digits are there?", "is there a seven?", "what colour is the five?"])
+    out = m(torch.randn(3, 3, 64, 64), tokens)
+    assert out["text"].shape == (3, 16, 32) and out["image"].shape == (3, 4, 32)  # 64 px: a 2x2 grid of tokens
+    assert out["pooled"].shape == (3, 64) and out["vqa_logits"].shape == (3, 7) and out["itm_logits"].shape == (3, 2)
+    assert out["image"].dtype == torch.float32 and torch.isfinite(out["vqa_logits"]).all()
+    assert m(torch.randn(1, 3, 96, 64), tokens[:1])["image"].shape == (1, 6, 32)  # non-square: 3x2 tokens
+    q = _tiny(question_only=True)
+    out = q(None, tokens)
+    assert set(out) == {"text", "pooled", "vqa_logits"} and out["pooled"].shape == (3, 32)
+    assert not any(n.startswith(("visual.", "image_")) or "cross_attn" in n for n, _ in q.named_parameters())
+    assert "itm_logits" not in _tiny(itm=False)(torch.randn(1, 3, 64, 64), tokens[:1])
+
+
+def test_padded_text_tokens_change_nothing():
+    torch.manual_seed(0)
+    m = _tiny()
+    tokens = _tokens(["is there a seven?", "which digit is on the far left of the image?"])
+    images = torch.randn(2, 3, 64, 64)
+    ref = m(images, tokens)
+    eot = tokens.argmax(dim=-1)
+    noisy = tokens.clone()
+    g = torch.Generator().manual_seed(1)
+    for b in range(2):  # padding replaced by random ids below the end-of-text id (which stays each row's largest)
+        n = tokens.shape[1] - eot[b] - 1
+        noisy[b, eot[b] + 1 :] = torch.randint(1, int(tokens[b, eot[b]]), (int(n),), generator=g)
+    assert not torch.equal(noisy, tokens)
+    out = m(images, noisy)
+    for key in ("image", "pooled", "vqa_logits", "itm_logits"):
+        torch.testing.assert_close(out[key], ref[key], rtol=0, atol=1e-6, msg=key)
+    for b in range(2):
+        torch.testing.assert_close(out["text"][b, : eot[b] + 1], ref["text"][b, : eot[b] + 1], rtol=0, atol=1e-6)
+
+
+def test_masked_keys_get_exactly_zero_weight():
+    torch.manual_seed(0)
+    attn = Attention(16, 2).eval()
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    mask = torch.tensor([[True, True, False, False, False], [True, True, True, True, False]])
+    ref = attn(x, ctx, mask)
+    wild = ctx.clone()
+    wild[~mask] = 1e4  # huge values at the masked keys: any non-zero weight on them would show
+    assert torch.equal(attn(x, wild, mask), ref)
+    # and the unmasked keys alone give the same result
+    for b, n in ((0, 2), (1, 4)):
+        torch.testing.assert_close(attn(x[b : b + 1], ctx[b : b + 1, :n]), ref[b : b + 1], rtol=1e-6, atol=1e-6)
+
+
+def _literal_attention(a: Attention, x, ctx, mask):
+    """softmax(q k^T / sqrt(d) + (0 | -inf)) v per head, written out."""
+    B, Lq, W = x.shape
+    h, d = a.heads, W // a.heads
+    q = (x @ a.query.weight.T + a.query.bias).view(B, Lq, h, d).permute(0, 2, 1, 3)
+    k = (ctx @ a.key.weight.T + a.key.bias).view(B, -1, h, d).permute(0, 2, 1, 3)
+    v = (ctx @ a.value.weight.T + a.value.bias).view(B, -1, h, d).permute(0, 2, 1, 3)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    o = (scores.softmax(dim=-1) @ v).permute(0, 2, 1, 3).reshape(B, Lq, W)
+    return o @ a.out.weight.T + a.out.bias
+
+
+def _layer_norm(x, ln):
+    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def test_coattention_layer_matches_its_formula():
+    torch.manual_seed(0)
+    layer = CoAttentionLayer(24, 3, mlp_ratio=2.0, dropout=0.0).double()
+    for p in layer.parameters():  # not the identity LayerNorms and zero biases of the initialisation
+        torch.nn.init.normal_(p, std=0.3)
+    x, other = torch.randn(2, 5, 24, dtype=torch.float64), torch.randn(2, 7, 24, dtype=torch.float64)
+    x_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    o_mask = torch.tensor([[True] * 4 + [False] * 3, [True] * 7])
+    y = _layer_norm(x + _literal_attention(layer.self_attn, x, x, x_mask), layer.ln1)
+    y = _layer_norm(y + _literal_attention(layer.cross_attn, y, other, o_mask), layer.ln2)
+    y = _layer_norm(y + (F.gelu(y @ layer.fc1.weight.T + layer.fc1.bias) @ layer.fc2.weight.T + layer.fc2.bias),
+                    layer.ln3)  # fmt: skip
+    torch.testing.assert_close(layer(x, x_mask, other, o_mask), y, rtol=1e-10, atol=1e-10)
+
+
+def test_streams_update_in_parallel_from_the_previous_layer():
+    """Layer i of each stream attends to the other stream's layer i - 1 states (METER's co-attention), not to the
+    states the other stream's layer i has just produced."""
+    torch.manual_seed(0)
+    m = _tiny(layers=2)
+    tokens, images = _tokens(["how many digits are there?"]), torch.randn(1, 3, 64, 64)
+    out = m(images, tokens)
+    mask = torch.arange(tokens.shape[1])[None] <= tokens.argmax(-1, keepdim=True)
+    t = m.text_proj(m.text.forward_tokens(tokens)) + m.token_type.weight[0]
+    grid = m.visual.forward_tokens(images)
+    v = m.image_proj(grid.reshape(1, 4, -1)) + sincos_2d(2, 2, 32) + m.token_type.weight[1]
+    for tl, il in zip(m.text_layers, m.image_layers, strict=True):
+        t_new = tl(t, mask, v, None)
+        v = il(v, None, t, mask)
+        t = t_new
+    torch.testing.assert_close(out["text"], t, rtol=0, atol=0)
+    torch.testing.assert_close(out["image"], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width,ratio", [(768, 4.0), (32, 4.0), (48, 2.0)])
+def test_parameter_count_per_layer_matches_the_derivation(width, ratio):
+    assert sum(p.numel() for p in CoAttentionLayer(width, 4, ratio).parameters()) == coattention_param_count(
+        width, ratio
+    )
+    assert sum(p.numel() for p in CoAttentionLayer(width, 4, ratio, cross=False).parameters()) == (
+        coattention_param_count(width, ratio, cross=False)
+    )
+    if ratio == 4.0:
+        assert coattention_param_count(width) == 16 * width**2 + 19 * width
+    assert coattention_param_count(768) == 9_451_776
+
+
+def test_sincos_2d_encodes_columns_then_rows():
+    pe = sincos_2d(2, 3, 8)
+    assert pe.shape == (6, 8)
+    torch.testing.assert_close(pe[4, :2], torch.tensor([math.sin(1.0), math.sin(1e-2)]))  # row 1, column 1
+    torch.testing.assert_close(pe[5, :2], torch.tensor([math.sin(2.0), math.sin(2e-2)]))  # column 2
+    torch.testing.assert_close(pe[3, 4:6], torch.tensor([math.sin(1.0), math.sin(1e-2)]))  # row 1
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_2d(2, 2, 6)
+
+
+def test_every_parameter_trains_on_the_vqa_loss():
+    torch.manual_seed(0)
+    m = _tiny(itm=False).train()
+    tokens = _tokens(["how many digits are there?", "is there a seven?"])
+    targets = torch.zeros(2, 7)
+    targets[0, 2], targets[1, 0] = 1.0, 0.6
+    loss = vqa_loss(m(torch.randn(2, 3, 64, 64), tokens)["vqa_logits"], targets)
+    loss.backward()
+    assert [n for n, p in m.named_parameters() if p.grad is None] == []
+
+
+def test_vqa_loss_is_bce_summed_over_answers():
+    logits = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.3, -0.2]])
+    targets = torch.tensor([[1.0, 0.0, 0.3], [0.0, 2 / 3, 1.0]])
+    p = torch.sigmoid(logits)
+    expected = -(targets * p.log() + (1 - targets) * (1 - p).log()).sum(dim=1).mean()
+    torch.testing.assert_close(vqa_loss(logits, targets), expected)
+    with pytest.raises(ValueError, match="expected equal"):
+        vqa_loss(logits, targets[:, :2])
+
+
+def test_from_florence_copies_both_towers_and_save_load_round_trips(tmp_path):
+    torch.manual_seed(0)
+    flo = create_model("florence_cpu_test")
+    m = METER.from_florence(flo, 5, width=32, heads=4, layers=1, dropout=0.0).eval()
+    for k, v in flo.text.state_dict().items():
+        assert torch.equal(m.text.state_dict()[k], v), k
+    visual = m.visual.state_dict()
+    for k, v in flo.visual.state_dict().items():
+        if not k.startswith("pyramid_norms."):
+            assert torch.equal(visual[k], v), k
+    m.save_pretrained(str(tmp_path / "meter"))
+    back = METER.from_pretrained(str(tmp_path / "meter"))
+    tokens, images = _tokens(["what colour is the five?"]), torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(back.eval()(images, tokens)["vqa_logits"], m(images, tokens)["vqa_logits"])
+    q = METER.from_florence(flo, 5, width=32, heads=4, layers=1, question_only=True)
+    assert not hasattr(q, "visual") and torch.equal(q.text.token_embedding.weight, flo.text.token_embedding.weight)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        METER.from_pretrained(str(tmp_path))
+
+
+def test_no_weight_decay_on_embeddings_norms_and_biases():
+    names = _tiny().no_weight_decay_names()
+    assert {"token_type.weight", "text.token_embedding.weight", "text.positional_embedding"} <= names
+    assert "text_layers.0.ln1.weight" in names and "vqa_head.0.bias" in names
+    assert "text_layers.0.self_attn.query.weight" not in names and "vqa_head.3.weight" not in names
+
+
+def test_bad_inputs_name_the_argument():
+    m = _tiny()
+    tokens = _tokens(["is there a seven?"])
+    with pytest.raises(ValueError, match=r"images: expected \(B, 3, H, W\), got \(1, 64, 64\)"):
+        m(torch.randn(1, 64, 64), tokens)
+    with pytest.raises(ValueError, match="multiples of 32 .* got 48x64"):
+        m(torch.randn(1, 3, 48, 64), tokens)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        m(torch.randn(2, 3, 64, 64), tokens)
+    with pytest.raises(ValueError, match=r"tokens: expected \(B, L\) integer token ids"):
+        m(torch.randn(1, 3, 64, 64), tokens.float())
+    with pytest.raises(ValueError, match="num_answers: expected an int >= 1"):
+        METER(get_config("florence_cpu_test")["vision"], get_config("florence_cpu_test")["text"], 0)
+    with pytest.raises(ValueError, match="width: 30 must be a multiple of 4"):
+        _tiny(width=30, heads=5)
+
+
+def test_the_benchmarks_cpu_case_runs_on_every_cpu_provider():
+    """benchmarks/bench_vqa.py: the quick CPU case through each provider that runs here gives one finite loss whose
+    gradient reaches CoSwin (the same weights in every provider: equal losses)."""
+    from benchmarks import bench_vqa as bench
+
+    (case,) = bench.cases(True, "cpu", torch.float32)
+    losses = {}
+    for p in bench.providers("cpu"):
+        if p.unavailable("cpu"):
+            continue
+        images, tokens, targets, spec = case.make_inputs("cpu", torch.float32)
+        loss = p.fn(images, tokens, targets, spec)
+        loss.backward()
+        model = bench._model(*spec, None if p.name == "fused" else p.name, "cpu", torch.float32)
+        assert model.visual.embeds[0].proj.weight.grad is not None
+        losses[p.name] = loss.item()
+    assert set(losses) == {"reference", "fused"}
+    assert all(math.isfinite(v) for v in losses.values())
+    assert abs(losses["reference"] - losses["fused"]) < 1e-4 * abs(losses["reference"])
