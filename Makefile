@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: install test test-gpu-env demo demo-video demo-detect lint format bench bench-quick gpu-check clean
+.PHONY: install test test-gpu-env demo demo-video demo-detect demo-vqa lint format bench bench-quick gpu-check clean
 
 install: $(VENV)/.built
 
@@ -107,17 +107,29 @@ demo-video: install
 	rm -rf runs/demo-video
 	OMP_NUM_THREADS=1 $(PY) -m florence.demos.video --init runs/demo --config configs/video.yaml --out runs/demo-video
 
-# make demo-detect: make demo's CoSwin (its run is made first when missing) under ATSS + Dynamic Head, fine-tuned on the
-# built-in digit canvases (COCO boxes, 10 categories), beside the same run from random initialisation; prints
+# make demo-detect: make demo's CoSwin (its run is made first when missing) under ATSS + Dynamic Head, fine-tuned on 500
+# of the built-in digit canvases (COCO boxes, 10 categories), beside the same run from random initialisation; prints
 # "detection AP: N ..." and "AP50: N ..." last (florence.demos.detection).
 DETECT_DATA := data/digit_canvases
 demo-detect: install
 	test -f runs/demo/checkpoints/latest || $(MAKE) demo
 	$(PY) -m florence.data.builtin --variant digit_canvases --out $(DETECT_DATA) --size 128
-	$(PY) -m florence.data.detection curate --annotations $(DETECT_DATA)/train.json --out $(DETECT_DATA)-shards --quiet
+	$(PY) -m florence.data.detection curate --annotations $(DETECT_DATA)/train.json --out $(DETECT_DATA)-500-shards \
+		--max-images 500 --quiet
 	rm -rf runs/demo-detect
 	OMP_NUM_THREADS=1 $(PY) -m florence.demos.detection --init runs/demo --config configs/detection.yaml \
 		--out runs/demo-detect
+
+# make demo-vqa: make demo's two towers (its run is made first when missing) under METER's co-attention fusion,
+# fine-tuned on the built-in digit questions, beside the same run from random initialisation and the question-only
+# model; prints "vqa accuracy: N% ..." last (florence.demos.vqa).
+VQA_DATA := data/digit_questions
+demo-vqa: install
+	test -f runs/demo/checkpoints/latest || $(MAKE) demo
+	$(PY) -m florence.data.builtin --variant digit_questions --out $(VQA_DATA) --size 128
+	$(PY) -m florence.data.vqa curate --annotations $(VQA_DATA)/train.json --out $(VQA_DATA)-shards --quiet
+	rm -rf runs/demo-vqa
+	OMP_NUM_THREADS=1 $(PY) -m florence.demos.vqa --init runs/demo --config configs/vqa.yaml --out runs/demo-vqa
 
 bench-quick: install
 	$(PY) -m florence_kernels.info

@@ -4,7 +4,7 @@ augmentation code path.
 
     python -m florence.data.builtin --variant digit_canvases --out DIR [--size 128]
     python -m florence.data.detection curate --annotations DIR/train.json --out DIR-shards [--image-root DIR]
-        [--shard-size 256] [--quiet]
+        [--shard-size 256] [--max-images N] [--quiet]
     loader = make_detection_loader("DIR-shards", batch_size=16, size=128, seed=0, backend="auto")
     loader.set_epoch(e)
     for batch in loader:  # {"images": (B, 3, S, S) float32, "boxes": [(n_i, 4) float32 xyxy], "labels": [(n_i,)
@@ -443,11 +443,13 @@ MAX_PROBLEMS_SHOWN = 20
 
 
 def curate_detection(annotations: str, out_dir: str, image_root: str | None = None, shard_size: int = 256,
-                     seed: int = 0, quiet: bool = True) -> dict:  # fmt: skip
+                     seed: int = 0, quiet: bool = True, max_images: int | None = None) -> dict:  # fmt: skip
     """Check a COCO instances file whole, then write its images and boxes into webdataset shards (module docstring);
     returns the manifest. Raises ValueError listing every problem (up to MAX_PROBLEMS_SHOWN of them, and how many
     there are) before anything is written. ``image_root``: the folder image paths are relative to (default the
-    JSON's). The shards keep the input's image order (the loader shuffles); ``seed`` is recorded in the manifest."""
+    JSON's). The shards keep the input's image order (the loader shuffles); ``seed`` is recorded in the manifest.
+    ``max_images``: only the file's first N images (in its order) with their boxes go into the shards, a labelled
+    subset for few-label fine-tuning (the whole file is still checked); ValueError unless None or an int >= 1."""
     from florence.data.curate import (
         _atomic_json,
         _image_jpeg_bytes,
@@ -460,6 +462,8 @@ def curate_detection(annotations: str, out_dir: str, image_root: str | None = No
 
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise ValueError(f"shard_size: expected a positive int, got {shard_size!r}")
+    if max_images is not None and (not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 1):
+        raise ValueError(f"max_images: expected None or a positive int, got {max_images!r}")
     if not os.path.isfile(annotations):
         raise FileNotFoundError(f"annotations: {annotations} is not a file")
     image_root = os.path.dirname(os.path.abspath(annotations)) if image_root is None else image_root
@@ -476,7 +480,7 @@ def curate_detection(annotations: str, out_dir: str, image_root: str | None = No
         raise ValueError(f"{name}: {len(problems)} problem(s), nothing written:\n  {shown}{more}")
     label_of = {c["id"]: k for k, c in enumerate(categories)}
     samples = []
-    for k, img in enumerate(images):
+    for k, img in enumerate(images[:max_images]):
         anns = by_image[img["id"]]
         meta = {"key": f"{k:09d}", "image_id": img["id"], "file_name": img["file_name"], "width": img["width"],
                 "height": img["height"], "boxes": [a["bbox"] for a in anns],
@@ -518,6 +522,7 @@ def curate_detection(annotations: str, out_dir: str, image_root: str | None = No
             "image_root": path_text(image_root),
             "shard_size": shard_size,
             "seed": seed,
+            "max_images": max_images,
         },
     }
     _atomic_json(os.path.join(out_dir, "manifest.json"), manifest)
@@ -843,13 +848,15 @@ def main(argv=None) -> int:
     c.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the JSON's)")
     c.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-images", type=int, default=None,
+                   help="only the file's first N images and their boxes (a labelled subset; default: all)")  # fmt: skip
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.shard_size < 1:
         p.error(f"--shard-size: expected a positive number, got {args.shard_size}")
     try:
         manifest = curate_detection(args.annotations, args.out, args.image_root, args.shard_size, args.seed,
-                                    quiet=args.quiet)  # fmt: skip
+                                    quiet=args.quiet, max_images=args.max_images)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"florence.data.detection: {e}", file=sys.stderr)
         return 1

@@ -215,6 +215,21 @@ def test_curation_shards_manifest_and_labels(data):
         assert meta["labels"] == [x["category_id"] - 1 for x in a] and meta["iscrowd"] == [0] * len(a)
 
 
+def test_max_images_curates_the_files_first_images_as_a_labelled_subset(data, tmp_path):
+    root, _, coco, manifest = data
+    sub = curate_detection(str(root / "raw" / "train.json"), str(tmp_path / "sub"), shard_size=10, max_images=7)
+    first = coco["train"]["images"][:7]
+    anns = _by_image(coco["train"])
+    assert sub["samples"] == 7 and sub["annotations"] == sum(len(anns[img["id"]]) for img in first)
+    assert sub["categories"] == manifest["categories"] and sub["args"]["max_images"] == 7
+    full, part = _read_shard_samples(root / "shards"), _read_shard_samples(tmp_path / "sub")
+    assert sorted(part) == [f"{k:09d}" for k in range(7)]
+    assert all(part[k] == full[k] for k in part)  # the same samples, byte for byte, as the whole file's first 7
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="max_images: expected None or a positive int"):
+            curate_detection(str(root / "raw" / "train.json"), str(tmp_path / "bad"), max_images=bad)
+
+
 def _small_coco(root, tmp_path, n_images=3):
     coco = json.load(open(root / "raw" / "train.json"))
     coco["images"] = coco["images"][:n_images]
