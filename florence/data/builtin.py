@@ -11,8 +11,8 @@ style is shared by all images of the class, so many pairs share a text (UniCL po
 ("seven"), which curation augments with prompts.
 
 Variants are registered in VARIANTS by name; each builder takes (out_dir, size, test_fraction, seed) and returns a
-summary dict; --size defaults to the variant's own default (64 here, 128 for digit_canvases). Question-answer
-variants for the adapters are meant to be added there, reusing ``_digit_images`` and ``_split``.
+summary dict; --size defaults to the variant's own default (64 here, 128 for digit_canvases and digit_questions).
+Further variants for the adapters are meant to be added there, reusing ``_digit_images`` and ``_split``.
 
     python -m florence.data.builtin --variant moving_digits --out DIR [--size 64] [--frames 16]
 
@@ -26,6 +26,13 @@ builds the detection variant (``florence.data.detection.build_digit_canvases``, 
 canvases of 1-6 digits (10-60 px) over a textured background with clutter, DIR/images/canvas_XXXXX.jpg with COCO
 instances files DIR/train.json and DIR/test.json (one box per digit, category id = digit + 1) for
 ``python -m florence.data.detection curate``.
+
+    python -m florence.data.builtin --variant digit_questions --out DIR [--size 128]
+
+builds the visual-question-answering variant (``florence.data.vqa.build_digit_questions``, imported when used):
+canvases of 1-4 coloured digits with five questions each (count, exist, position, relation, colour; one-word
+answers), DIR/images/canvas_XXXXX.jpg with VQA-format files DIR/train.json and DIR/test.json and the training answer
+vocabulary DIR/answers.json, for ``python -m florence.data.vqa curate``.
 """
 
 from __future__ import annotations
@@ -317,7 +324,15 @@ def build_digit_canvases(out_dir: str, size: int = 128, test_fraction: float = 0
     return build(out_dir, size, test_fraction, seed, **kwargs)
 
 
-VARIANTS = {"digits": build_digits, "moving_digits": build_moving_digits, "digit_canvases": build_digit_canvases}
+def build_digit_questions(out_dir: str, size: int = 128, test_fraction: float = 0.2, seed: int = 0, **kwargs) -> dict:
+    """The visual-question-answering variant: ``florence.data.vqa.build_digit_questions`` (imported here when used)."""
+    from florence.data.vqa import build_digit_questions as build
+
+    return build(out_dir, size, test_fraction, seed, **kwargs)
+
+
+VARIANTS = {"digits": build_digits, "moving_digits": build_moving_digits, "digit_canvases": build_digit_canvases,
+            "digit_questions": build_digit_questions}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -325,7 +340,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--variant", default="digits", choices=sorted(VARIANTS))
     p.add_argument("--size", type=int, default=None,
-                   help="image side in pixels (default: the variant's, 64; 128 for digit_canvases)")  # fmt: skip
+                   help="image side in pixels (default: the variant's; 64, 128 for the canvas variants)")  # fmt: skip
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=16, help="frames per clip (default 16; moving_digits only)")
