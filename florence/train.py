@@ -6,9 +6,9 @@ cache, DALI input.
     deepspeed --num_gpus 8 -m florence.train --config configs/base.yaml       (any launcher that sets RANK etc.)
 
 ``task`` picks what is trained (florence.tasks: "pretrain", the default, described below; "video", Video CoSwin
-classification; "detection", ATSS + Dynamic Head with COCO AP); every task shares this module's config, engine,
-schedule, checkpoints and resume, progress, metrics, curves and evaluation at intervals, and supplies its model,
-loader, loss and evaluator. ``--init PATH``
+classification; "detection", ATSS + Dynamic Head with COCO AP; "vqa", METER with VQA accuracy); every task shares
+this module's config, engine, schedule, checkpoints and resume, progress, metrics, curves and evaluation at
+intervals, and supplies its model, loader, loss and evaluator. ``--init PATH``
 (config key ``init``) starts the task from a pretrained Florence: a ``save_pretrained`` folder or a run,
 checkpoints folder or checkpoint tag of this module (florence.models.load_florence).
 
@@ -50,7 +50,7 @@ import torch
 from florence_kernels._io import atomic_write, atomic_write_text
 
 DEFAULTS = {
-    "task": "pretrain",  # florence.tasks.TASKS: pretrain | video | detection
+    "task": "pretrain",  # florence.tasks.TASKS: pretrain | video | detection | vqa
     "init": None,  # a pretrained Florence to start from (save_pretrained folder or a florence.train checkpoint)
     "model": "florence_cpu_demo",
     "model_overrides": {},
@@ -107,6 +107,18 @@ DEFAULTS = {
         "eval_annotations": "test.json",  # the COCO instances JSON in data.eval
         "eval_batch_size": 32,
     },  # fmt: skip
+    # task "vqa" (florence.tasks.vqa): METER's co-attention fusion on both towers, images of data.image_size pixels
+    "vqa": {
+        "width": 768,  # METER's fusion: 768 wide, 12 heads, 6 co-attention layers per stream
+        "heads": 12,
+        "layers": 6,
+        "mlp_ratio": 4.0,
+        "dropout": 0.1,
+        "question_only": False,  # the question-only baseline: no image tower, no cross-attention
+        "drop_path_rate": None,
+        "eval_annotations": "test.json",  # the VQA-format questions in data.eval
+        "eval_batch_size": 64,
+    },
 }
 
 

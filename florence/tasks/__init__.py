@@ -7,8 +7,9 @@ order: ``build_model()`` (``cfg["init"]``, when set, names a pretrained Florence
 module DeepSpeed wraps), ``no_weight_decay(model)``, ``make_loader(rank, world, per_rank)``, ``load_eval()``, then
 ``train_step`` per step and ``evaluate`` at every eval interval and at the end; ``report(final)`` gives the lines the
 launcher prints. Built in: "pretrain" (UniCL image-text pretraining, florence.tasks.pretrain), "video" (Video CoSwin
-fine-tuned for video classification, florence.tasks.video) and "detection" (ATSS + Dynamic Head on the CoSwin
-pyramid with COCO evaluation, florence.tasks.detection).
+fine-tuned for video classification, florence.tasks.video), "detection" (ATSS + Dynamic Head on the CoSwin pyramid
+with COCO evaluation, florence.tasks.detection) and "vqa" (METER's co-attention fusion on both towers with VQA
+accuracy, florence.tasks.vqa).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ TASKS = {
     "pretrain": "florence.tasks.pretrain:PretrainTask",
     "video": "florence.tasks.video:VideoTask",
     "detection": "florence.tasks.detection:DetectionTask",
+    "vqa": "florence.tasks.vqa:VQATask",
 }
 
 

@@ -1,0 +1,137 @@
+"""Task "vqa": METER's co-attention fusion on Florence's towers (Florence section 3.3, the vision-language adapter;
+florence.models.meter) fine-tuned for visual question answering, from a pretrained Florence (``init``: both towers)
+or from scratch; ``vqa.question_only`` trains the question-only baseline (no image tower).
+
+Model: :class:`florence.models.METER` (``vqa.width``, ``heads``, ``layers``, ``mlp_ratio``, ``dropout``), the
+towers' configs from ``model`` (or from ``init``). Data: the curated VQA shards (``florence.data.vqa``: one sample
+per question; images resized to ``data.image_size``, questions tokenized to the text tower's context) read by
+``make_vqa_loader`` (DALI's image decoder where it imports, else PIL); the answer vocabulary is the shards'
+manifest's (built from the training split). Loss: METER's (binary cross-entropy on VQA's soft scores x the number
+of answers, :func:`florence.models.meter.vqa_loss`), gradient accumulation in micro-batches of ``chunk_size``.
+Evaluation: the held-out questions (``data.eval``: the folder with ``vqa.eval_annotations`` in VQA's format and its
+images), the answer with the highest logit, VQA accuracy (min(matching human answers / 3, 1)) overall
+("accuracy") and per question type ("accuracy_<type>"); predictions in VQA's results format ([{"question_id",
+"answer"}]) written to ``<output_dir>/predictions.json`` by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from . import Task, global_mean
+
+
+class VQATask(Task):
+    unit = "samples"
+    eval_key = "accuracy"
+    requires = ("deepspeed",)
+
+    def answers(self) -> list[str]:
+        """The answer vocabulary of the training shards (logit k = answers[k])."""
+        from florence.data.loader import load_manifest
+
+        answers = load_manifest(self.cfg["data"]["shards"]).get("answers")
+        if not answers:
+            raise ValueError(f"data.shards: {self.cfg['data']['shards']}/manifest.json lists no answers (curate VQA "
+                             "data with python -m florence.data.vqa curate)")  # fmt: skip
+        return list(answers)
+
+    def _kwargs(self) -> dict:
+        v = self.cfg["vqa"]
+        kw = {k: v[k] for k in ("width", "heads", "layers", "mlp_ratio", "dropout", "question_only")}
+        return kw | {"itm": False, "backend": self.cfg["backend"]}
+
+    def _context_length(self) -> int:
+        from florence.models import get_config
+
+        return int(get_config(self.cfg["model"])["text"]["context_length"])
+
+    def build_model(self):
+        from florence.models import METER, get_config, load_florence
+
+        cfg, v = self.cfg, self.cfg["vqa"]
+        vision = {} if v.get("drop_path_rate") is None else {"drop_path_rate": v["drop_path_rate"]}
+        num_answers = len(self.answers())
+        if cfg.get("init"):
+            return METER.from_florence(load_florence(cfg["init"]), num_answers, vision, **self._kwargs())
+        base = get_config(cfg["model"])
+        overrides = cfg.get("model_overrides") or {}
+        return METER(base["vision"] | overrides.get("vision", {}) | vision, base["text"] | overrides.get("text", {}),
+                     num_answers, **self._kwargs())  # fmt: skip
+
+    def no_weight_decay(self, model):
+        return model.no_weight_decay_names()
+
+    def make_loader(self, rank, world, per_rank):
+        from florence.data.vqa import make_vqa_loader
+
+        cfg, d = self.cfg, self.cfg["data"]
+        return make_vqa_loader(d["shards"], per_rank, d["image_size"], rank=rank, world_size=world, seed=cfg["seed"],
+                               train=True, drop_last=True, backend=d["loader"], split="global_batch",
+                               context_length=self._context_length())  # fmt: skip
+
+    def train_step(self, engine, batch, chunk, autocast):
+        from florence.models.meter import vqa_loss
+
+        question_only = self.cfg["vqa"]["question_only"]
+        images = None if question_only else batch["images"].to(self.device)
+        tokens, targets = batch["tokens"].to(self.device), batch["targets"].to(self.device)
+        total, n = torch.zeros((), device=self.device), tokens.shape[0]
+        for i in range(0, n, chunk):
+            with autocast():
+                out = engine(None if images is None else images[i : i + chunk], tokens[i : i + chunk])
+            loss = vqa_loss(out["vqa_logits"].float(), targets[i : i + chunk])
+            engine.backward(loss)  # DeepSpeed divides by the accumulation steps; the last micro-step steps
+            engine.step()
+            total += loss.detach() * min(chunk, n - i)
+        return global_mean(total / n)
+
+    def load_eval(self):
+        from florence.data.vqa import load_vqa_eval_set
+
+        d = self.cfg["data"]
+        if not d.get("eval"):
+            return None
+        return load_vqa_eval_set(d["eval"], d["image_size"], annotations=self.cfg["vqa"]["eval_annotations"],
+                                 answer_vocab=self.answers(), backend=d["loader"],
+                                 context_length=self._context_length())  # fmt: skip
+
+    @torch.no_grad()
+    def evaluate(self, engine, eval_set, autocast):
+        from florence.data.vqa import vqa_report
+
+        module = engine.module if hasattr(engine, "module") else engine
+        was_training = module.training
+        module.eval()
+        answers, step = self.answers(), self.cfg["vqa"]["eval_batch_size"]
+        question_only = self.cfg["vqa"]["question_only"]
+        tokens, index = eval_set["tokens"], eval_set["image_index"]
+        predictions = []
+        for i in range(0, len(tokens), step):
+            images = None if question_only else eval_set["images"][index[i : i + step]].to(self.device)
+            with autocast():
+                logits = engine(images, tokens[i : i + step].to(self.device))["vqa_logits"]
+            predictions += [answers[k] for k in logits.float().argmax(dim=-1).tolist()]
+        module.train(was_training)
+        report = vqa_report(predictions, eval_set["answers"], eval_set["question_types"])
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            from florence_kernels._io import atomic_write_text
+
+            results = [{"question_id": int(q), "answer": a}
+                       for q, a in zip(eval_set["question_ids"].tolist(), predictions, strict=True)]  # fmt: skip
+            os.makedirs(self.cfg["output_dir"], exist_ok=True)
+            atomic_write_text(os.path.join(self.cfg["output_dir"], "predictions.json"), json.dumps(results) + "\n")
+        scores = {"accuracy": report["accuracy"]}
+        scores.update({f"accuracy_{t}": a for t, a in report["per_type"].items()})
+        return scores
+
+    def report(self, final):
+        if "accuracy" not in final:
+            return []
+        per_type = ", ".join(f"{k[len('accuracy_') :]} {100 * v:.1f}%" for k, v in final.items()
+                             if k.startswith("accuracy_"))  # fmt: skip
+        return [f"vqa accuracy: {100 * final['accuracy']:.1f}% ({per_type})"]
