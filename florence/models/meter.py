@@ -18,10 +18,12 @@ BERT's). Both streams update in parallel from the previous layer's states. Atten
 ``torch.nn.functional.scaled_dot_product_attention`` with a boolean key mask, so a padded key gets exactly zero
 weight (softmax of -inf); on a GPU, SDPA dispatches to its fused (memory-efficient / flash) kernels.
 
-Pooling (METER's poolers): text = tanh(Linear(first token's state)); image = tanh(Linear(mean of the image tokens));
-pooled = concat(text, image): (B, 2 width). Heads: VQA (METER's vqa_classifier: Linear(2w, 2w) -> LayerNorm -> GELU
--> Linear(2w, num_answers), trained with binary cross-entropy on VQA's soft scores, times the number of answers as
-METER does: :func:`vqa_loss`) and image-text matching (Linear(2w, 2)).
+Pooling (METER's poolers): text = tanh(Linear(the end-of-text token's state)); image = tanh(Linear(mean of the image
+tokens)); METER pools BERT's first token ([CLS]), which has read the whole question in its bidirectional encoder;
+in Florence's causal text tower the first token has read nothing and the end-of-text token everything (CLIP pools
+there too); pooled = concat(text, image): (B, 2 width). Heads: VQA (METER's vqa_classifier: Linear(2w, 2w) ->
+LayerNorm -> GELU -> Linear(2w, num_answers), trained with binary cross-entropy on VQA's soft scores, times the
+number of answers as METER does: :func:`vqa_loss`) and image-text matching (Linear(2w, 2)).
 
 ``question_only=True`` builds the question-only baseline: no image tower and no cross-attention (each layer is
 self-attention -> feed-forward), pooled = the text pooler's output (B, width), the same VQA head on width inputs.
@@ -252,7 +254,8 @@ class METER(nn.Module):
             for text_layer, image_layer in zip(self.text_layers, self.image_layers, strict=True):
                 t, v = text_layer(t, text_mask, v, None), image_layer(v, None, t, text_mask)
             out["image"] = v
-        pooled = torch.tanh(self.text_pooler(t[:, 0]))
+        eot = tokens.argmax(dim=-1)
+        pooled = torch.tanh(self.text_pooler(t[torch.arange(t.shape[0], device=t.device), eot]))
         if not self.question_only:
             pooled = torch.cat([pooled, torch.tanh(self.image_pooler(v.mean(dim=1)))], dim=-1)
         if self.config["itm"]:
