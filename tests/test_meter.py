@@ -188,6 +188,15 @@ def test_from_florence_copies_both_towers_and_save_load_round_trips(tmp_path):
     assert not hasattr(q, "visual") and torch.equal(q.text.token_embedding.weight, flo.text.token_embedding.weight)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         METER.from_pretrained(str(tmp_path))
+    from florence.models import ATSSDetector
+
+    ATSSDetector(get_config("florence_cpu_test")["vision"], 3, fpn_channels=16, num_blocks=0).save_pretrained(
+        str(tmp_path / "det")
+    )
+    with pytest.raises(ValueError, match='not a METER config \\(no "model": "meter"\\)'):
+        METER.from_pretrained(str(tmp_path / "det"))
+    with pytest.raises(ValueError, match="not an ATSSDetector config"):
+        ATSSDetector.from_pretrained(str(tmp_path / "meter"))
 
 
 def test_no_weight_decay_on_embeddings_norms_and_biases():

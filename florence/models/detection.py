@@ -43,9 +43,7 @@ h], "score"}]``), in the original image's pixels.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -54,7 +52,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from florence_kernels._io import atomic_write, atomic_write_text
 from florence_kernels.nn import DyHead
 
 from .coswin import CoSwin
@@ -259,34 +256,17 @@ class ATSSDetector(nn.Module):
 
     def save_pretrained(self, directory: str) -> None:
         """config.json and model.safetensors in ``directory``, each written whole or not at all."""
-        from safetensors.torch import save_file
+        from .florence import save_tagged_folder
 
-        os.makedirs(directory, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(os.path.join(directory, WEIGHTS_NAME),
-                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))  # fmt: skip
-        config = json.dumps({"model": "atss_dyhead", **self.config}, indent=2, sort_keys=True)
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), config + "\n")
+        save_tagged_folder(self, directory, "atss_dyhead")
 
     @classmethod
     def from_pretrained(cls, directory: str, map_location="cpu", **overrides) -> ATSSDetector:
         """A detector saved by :meth:`save_pretrained` (``backend`` and inference settings may be overridden);
         FileNotFoundError for a folder without its files, ValueError naming mismatched weights."""
-        from safetensors.torch import load_file
+        from .florence import load_tagged_folder
 
-        from .florence import load_state_dict_strict
-
-        cfg_path, weights = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-        for path in (cfg_path, weights):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{directory}: no {os.path.basename(path)} (expected a save_pretrained folder)")
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
-        if config.pop("model", None) != "atss_dyhead":
-            raise ValueError(f'{cfg_path}: not an ATSSDetector config (no "model": "atss_dyhead")')
-        model = cls(**(config | overrides))
-        load_state_dict_strict(model, load_file(weights, device=str(map_location)), source=weights)
-        return model
+        return load_tagged_folder(cls, directory, "atss_dyhead", "an ATSSDetector", map_location, **overrides)
 
 
 # --- functions (the detector's steps, each testable alone) ---------------------------------------------------------

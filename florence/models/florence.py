@@ -127,3 +127,35 @@ def load_state_dict_strict(model: nn.Module, state: dict, source: str = "checkpo
                 parts.append(f"{what}: {shown}")
         raise ValueError(f"{source} does not match the model ({type(model).__name__}): " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def save_tagged_folder(model: nn.Module, directory: str, tag: str) -> None:
+    """``model``'s weights (model.safetensors) and ``{"model": tag, **model.config}`` (config.json) in ``directory``,
+    each written whole or not at all: the save_pretrained of the adapters (ATSSDetector, METER)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(os.path.join(directory, "model.safetensors"),
+                 lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))  # fmt: skip
+    atomic_write_text(os.path.join(directory, "config.json"),
+                      json.dumps({"model": tag, **model.config}, indent=2, sort_keys=True) + "\n")  # fmt: skip
+
+
+def load_tagged_folder(cls, directory: str, tag: str, name: str, map_location="cpu", **overrides):
+    """``cls(**(config | overrides))`` with the weights of a :func:`save_tagged_folder` folder. FileNotFoundError for
+    a folder without its files; ValueError for a config not tagged ``tag`` (naming ``name``, the class) or weights
+    that do not match (naming them)."""
+    from safetensors.torch import load_file
+
+    cfg_path, weights = os.path.join(directory, "config.json"), os.path.join(directory, "model.safetensors")
+    for path in (cfg_path, weights):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory}: no {os.path.basename(path)} (expected a save_pretrained folder)")
+    with open(cfg_path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.pop("model", None) != tag:
+        raise ValueError(f'{cfg_path}: not {name} config (no "model": "{tag}")')
+    model = cls(**(config | overrides))
+    load_state_dict_strict(model, load_file(weights, device=str(map_location)), source=weights)
+    return model

@@ -35,14 +35,9 @@ self-attention 4 w^2 + 4 w (q, k, v, out with biases) + cross-attention 4 w^2 + 
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from florence_kernels._io import atomic_write, atomic_write_text
 
 from .coswin import CoSwin
 from .text import TextTransformer
@@ -272,34 +267,17 @@ class METER(nn.Module):
 
     def save_pretrained(self, directory: str) -> None:
         """config.json and model.safetensors in ``directory``, each written whole or not at all."""
-        from safetensors.torch import save_file
+        from .florence import save_tagged_folder
 
-        os.makedirs(directory, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(os.path.join(directory, WEIGHTS_NAME),
-                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))  # fmt: skip
-        atomic_write_text(os.path.join(directory, CONFIG_NAME),
-                          json.dumps({"model": "meter", **self.config}, indent=2, sort_keys=True) + "\n")  # fmt: skip
+        save_tagged_folder(self, directory, "meter")
 
     @classmethod
     def from_pretrained(cls, directory: str, map_location="cpu", **overrides) -> METER:
         """A model saved by :meth:`save_pretrained` (``backend``, ``dropout`` may be overridden); FileNotFoundError
         for a folder without its files, ValueError for another model's config or mismatched weights."""
-        from safetensors.torch import load_file
+        from .florence import load_tagged_folder
 
-        from .florence import load_state_dict_strict
-
-        cfg_path, weights = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-        for path in (cfg_path, weights):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{directory}: no {os.path.basename(path)} (expected a save_pretrained folder)")
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
-        if config.pop("model", None) != "meter":
-            raise ValueError(f'{cfg_path}: not a METER config (no "model": "meter")')
-        model = cls(**(config | overrides))
-        load_state_dict_strict(model, load_file(weights, device=str(map_location)), source=weights)
-        return model
+        return load_tagged_folder(cls, directory, "meter", "a METER", map_location, **overrides)
 
 
 def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
