@@ -28,7 +28,9 @@ def test_shapes_of_every_output():
     m = _tiny()
     tokens = _tokens(["how many digits are there?", "is there a seven?", "what colour is the five?"])
     out = m(torch.randn(3, 3, 64, 64), tokens)
-    assert out["text"].shape == (3, 16, 32) and out["image"].shape == (3, 4, 32)  # 64 px: a 2x2 grid of tokens
+    longest = int(tokens.argmax(-1).max()) + 1  # the text stream ends with the batch's longest question
+    assert longest < 16 and out["text"].shape == (3, longest, 32)
+    assert out["image"].shape == (3, 4, 32)  # 64 px: a 2x2 grid of tokens
     assert out["pooled"].shape == (3, 64) and out["vqa_logits"].shape == (3, 7) and out["itm_logits"].shape == (3, 2)
     assert out["image"].dtype == torch.float32 and torch.isfinite(out["vqa_logits"]).all()
     assert m(torch.randn(1, 3, 96, 64), tokens[:1])["image"].shape == (1, 6, 32)  # non-square: 3x2 tokens
@@ -57,6 +59,101 @@ def test_padded_text_tokens_change_nothing():
         torch.testing.assert_close(out[key], ref[key], rtol=0, atol=1e-6, msg=key)
     for b in range(2):
         torch.testing.assert_close(out["text"][b, : eot[b] + 1], ref["text"][b, : eot[b] + 1], rtol=0, atol=1e-6)
+
+
+def test_cutting_the_padding_keeps_the_full_contexts_states():
+    """The text stream is cut after the batch's longest question: every output equals the model run on the full
+    context with the padding only masked (the states at real positions do not depend on later ones)."""
+    torch.manual_seed(0)
+    m = _tiny()
+    tokens = _tokens(["is there a seven?", "which digit is on the far left?"])
+    images = torch.randn(2, 3, 64, 64)
+    out = m(images, tokens)
+    longest = int(tokens.argmax(-1).max()) + 1
+    assert out["text"].shape[1] == longest < 16
+    # the full-context computation, written out: the text tower on all 16 positions, padding masked in every layer
+    mask = torch.arange(16)[None] <= tokens.argmax(-1, keepdim=True)
+    t = m.text_proj(m.text.forward_tokens(tokens)) + m.token_type.weight[0]
+    v = m.image_proj(m.visual.forward_tokens(images).reshape(2, 4, -1)) + sincos_2d(2, 2, 32) + m.token_type.weight[1]
+    for tl, il in zip(m.text_layers, m.image_layers, strict=True):
+        t, v = tl(t, mask, v, None), il(v, None, t, mask)
+    eot = tokens.argmax(-1)
+    pooled = torch.cat([torch.tanh(m.text_pooler(t[torch.arange(2), eot])), torch.tanh(m.image_pooler(v.mean(1)))], -1)
+    torch.testing.assert_close(out["vqa_logits"], m.vqa_head(pooled), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["image"], v, rtol=1e-5, atol=1e-5)
+    for b in range(2):
+        torch.testing.assert_close(out["text"][b, : eot[b] + 1], t[b, : eot[b] + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_questions_share_an_image_through_image_index():
+    """Three questions about two images: the image tower runs on the two images once; the outputs equal those of
+    the images repeated per question."""
+    torch.manual_seed(0)
+    m = _tiny()
+    tokens = _tokens(["is there a seven?", "how many digits are there?", "what colour is the five?"])
+    images, index = torch.randn(2, 3, 64, 64), torch.tensor([1, 1, 0])
+    stage_calls = []  # images through CoSwin's first stage per call
+    handle = m.visual.stages[0].register_forward_hook(lambda mod, args, out: stage_calls.append(out.shape[0]))
+    shared = m(images, tokens, index)
+    repeated = m(images[index], tokens)
+    handle.remove()
+    assert stage_calls == [2, 3]
+    for key in ("image", "text", "pooled", "vqa_logits", "itm_logits"):
+        torch.testing.assert_close(shared[key], repeated[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_the_answer_depends_on_the_image_and_on_the_question():
+    """At initialisation already: another image changes the logits of the same question, and another question (its
+    end-of-text state pooled, even with no fusion layer) changes the logits of the same image."""
+    torch.manual_seed(0)
+    for layers in (0, 2):
+        m = _tiny(layers=layers)
+        tokens = _tokens(["is there a seven?", "is there a three?"])
+        a, b = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+        same_question = m(torch.cat([a, b]), tokens[:1].repeat(2, 1))["vqa_logits"]
+        assert (same_question[0] - same_question[1]).abs().max() > 1e-4, layers
+        same_image = m(a.repeat(2, 1, 1, 1), tokens)["vqa_logits"]
+        assert (same_image[0] - same_image[1]).abs().max() > 1e-4, layers
+        pooled = m(a.repeat(2, 1, 1, 1), tokens)["pooled"]
+        assert (pooled[0, :32] - pooled[1, :32]).abs().max() > 1e-4, layers  # the text half: the question read
+
+
+def test_a_tiny_model_learns_an_answer_only_the_image_gives():
+    """One question ("what colour is the square?"), two answers given by the image alone (a red or a blue square on
+    grey, anywhere): a tiny METER trained with its towers at 0.1 x the fusion's learning rate (METER's recipe; the
+    vqa config's lr_multipliers) answers fresh images without a mistake after 100 steps. Guards the wiring from the
+    image tower to the answer. (With the towers at the full rate the same run stays at the prior, loss 2 ln 2: Adam's
+    full-size steps on the towers' gradients, noise while the fresh head cannot yet read them, wipe out the colour
+    before the head learns it.)"""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    red, blue = torch.tensor([1.0, 0.0, 0.0])[:, None, None], torch.tensor([0.0, 0.0, 1.0])[:, None, None]
+
+    def batch(n):
+        images = torch.full((n, 3, 64, 64), 0.5)
+        colour = torch.randint(0, 2, (n,), generator=g)
+        for k in range(n):
+            y, x = (int(v) for v in torch.randint(0, 48, (2,), generator=g))
+            images[k, :, y : y + 16, x : x + 16] = red if colour[k] == 0 else blue
+        return images, F.one_hot(colour, 2).float()
+
+    tokens = _tokens(["what colour is the square?"])
+    m = METER(get_config("florence_cpu_test")["vision"], get_config("florence_cpu_test")["text"], 2, width=32,
+              heads=4, layers=1, dropout=0.0, itm=False)  # fmt: skip
+    towers = [p for n, p in m.named_parameters() if n.startswith(("visual.", "text."))]
+    fusion = [p for n, p in m.named_parameters() if not n.startswith(("visual.", "text."))]
+    opt = torch.optim.AdamW([{"params": towers, "lr": 1e-4}, {"params": fusion, "lr": 1e-3}])
+    for _ in range(100):
+        images, targets = batch(16)
+        loss = vqa_loss(m(images, tokens.repeat(16, 1))["vqa_logits"], targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    images, targets = batch(64)
+    with torch.no_grad():
+        predicted = m(images, tokens.repeat(64, 1))["vqa_logits"].argmax(-1)
+    assert (predicted == targets.argmax(-1)).float().mean().item() == 1.0
 
 
 def test_masked_keys_get_exactly_zero_weight():
@@ -114,6 +211,7 @@ def test_streams_update_in_parallel_from_the_previous_layer():
     m = _tiny(layers=2)
     tokens, images = _tokens(["how many digits are there?"]), torch.randn(1, 3, 64, 64)
     out = m(images, tokens)
+    tokens = tokens[:, : int(tokens.argmax()) + 1]  # METER cuts the padding after the end-of-text token
     mask = torch.arange(tokens.shape[1])[None] <= tokens.argmax(-1, keepdim=True)
     t = m.text_proj(m.text.forward_tokens(tokens)) + m.token_type.weight[0]
     grid = m.visual.forward_tokens(images)
@@ -209,12 +307,20 @@ def test_no_weight_decay_on_embeddings_norms_and_biases():
 def test_bad_inputs_name_the_argument():
     m = _tiny()
     tokens = _tokens(["is there a seven?"])
-    with pytest.raises(ValueError, match=r"images: expected \(B, 3, H, W\), got \(1, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"images: expected \(N, 3, H, W\), got \(1, 64, 64\)"):
         m(torch.randn(1, 64, 64), tokens)
     with pytest.raises(ValueError, match="multiples of 32 .* got 48x64"):
         m(torch.randn(1, 3, 48, 64), tokens)
     with pytest.raises(ValueError, match="batch sizes differ"):
         m(torch.randn(2, 3, 64, 64), tokens)
+    with pytest.raises(ValueError, match=r"image_index: expected \(1,\) integer rows"):
+        m(torch.randn(2, 3, 64, 64), tokens, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"image_index: expected \(1,\) integer rows"):
+        m(torch.randn(2, 3, 64, 64), tokens, torch.tensor([0.0]))
+    with pytest.raises(ValueError, match=r"image_index: rows must lie in \[0, 2\).* got 2..2"):
+        m(torch.randn(2, 3, 64, 64), tokens, torch.tensor([2]))
+    with pytest.raises(ValueError, match="at least one position"):
+        m(torch.randn(1, 3, 64, 64), tokens[:, :0])
     with pytest.raises(ValueError, match=r"tokens: expected \(B, L\) integer token ids"):
         m(torch.randn(1, 3, 64, 64), tokens.float())
     with pytest.raises(ValueError, match="num_answers: expected an int >= 1"):

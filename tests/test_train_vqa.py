@@ -125,7 +125,17 @@ def test_task_config_errors_name_the_key(data, tmp_path):
     cfg = load_config(None, [f"data.shards={tmp_path}", "task=vqa"])
     with pytest.raises(ValueError, match="lists no answers"):
         get_task("vqa")(cfg, "cpu").answers()
-    cfg = load_config(None, [f"data.shards={data / 'shards'}", "task=vqa", "model=florence_cpu_test", "vqa.width=30",
-                             "vqa.heads=4"])  # fmt: skip
-    with pytest.raises(ValueError, match="width: 30 must be a multiple of 4"):
-        get_task("vqa")(cfg, "cpu").build_model()
+    # the fusion's keys are checked when the config loads, before any process starts
+    for key, value, message in (("width", "30", r"vqa.width: 30 must be a multiple of 4"),
+                                ("width", "40", r"40 must be a multiple of 4 .* and of vqa.heads \(12\)"),
+                                ("heads", "0", r"vqa.heads: expected an int >= 1, got 0"),
+                                ("layers", "two", r"vqa.layers: expected an int >= 0, got 'two'"),
+                                ("dropout", "1.0", r"vqa.dropout: expected a probability in \[0, 1\), got 1.0"),
+                                ("drop_path_rate", "-0.1", r"vqa.drop_path_rate: expected a probability"),
+                                ("mlp_ratio", "0", r"vqa.mlp_ratio: expected a positive number"),
+                                ("eval_batch_size", "0", r"vqa.eval_batch_size: expected an int >= 1"),
+                                ("question_only", "'yes'", r"vqa.question_only: expected true or false")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            load_config(None, [f"data.shards={data / 'shards'}", "task=vqa", f"vqa.{key}={value}"])
+    # another task's keys are its own business
+    load_config(None, [f"data.shards={data / 'shards'}", "task=pretrain", "vqa.width=30"])

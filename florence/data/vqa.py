@@ -7,9 +7,9 @@ of question batches with two JPEG decoders (PIL, NVIDIA DALI) behind one code pa
         [--shard-size 256] [--quiet]
     loader = make_vqa_loader("DIR-shards", batch_size=32, size=128, seed=0, backend="auto")
     loader.set_epoch(e)
-    for batch in loader:  # {"images": (B, 3, S, S) float32, "tokens": (B, L) int64, "targets": (B, A) float32,
-        ...               #  "question_ids": (B,) int64, "image_ids": (B,) int64, "question_types": [str],
-                          #  "answers": [[str] * 10]}
+    for batch in loader:  # {"images": (N, 3, S, S) float32 (each image once), "image_index": (B,) int64,
+        ...               #  "tokens": (B, L) int64, "targets": (B, A) float32, "question_ids": (B,) int64,
+                          #  "image_ids": (B,) int64, "question_types": [str], "answers": [[str] * 10]}
     report = vqa_report(predicted_answers, batch_answers, question_types)  # {"accuracy", "per_type": {...}, ...}
 
 Digit questions (``build_digit_questions``): canvases of 1-4 of scikit-learn's handwritten digits, each in one of
@@ -54,9 +54,11 @@ given)}]}; a missing question_type or answer_type is stored as "unknown"), DALI 
 is installed) and ``manifest.json`` (shards with their sample counts and SHA-256, images, questions, the answer
 vocabulary of the file and its question types).
 
-Loader (``make_vqa_loader``): the sample is a question. Per epoch a seeded permutation of every (image, question)
-pair of the shards (in order for evaluation), split between ranks and resumed with ``iterate(start_batch)`` as
-``florence.data.detection``'s loader does (its class is this one's base). Every image is resized to size x size by
+Loader (``make_vqa_loader``): the sample is a question. Per epoch a seeded permutation of the images, each image's
+questions one after another (the shards' order for evaluation), so that a batch asks all questions of a few images
+and each image is decoded, and encoded by the model (METER's ``image_index``), once; split between ranks and
+resumed with ``iterate(start_batch)`` as ``florence.data.detection``'s loader does (its class is this one's base).
+Every image is resized to size x size by
 the detection loader's evaluation plan (longer side to ``size``, padded right and bottom with CLIP's mean when not
 square; a square canvas is a plain resize), then CLIP-normalised; no flips, crops or colour jitter: positions and
 colours are answers. backend "torch" decodes with PIL, "dali" with DALI's CPU image decoder (``DaliImageDecoder``);
@@ -623,7 +625,7 @@ class VQALoader(DetectionLoader):
     decoder), and its epoch order, rank split, ``set_epoch``, ``__len__`` and ``iterate(start_batch)`` are that
     class's, over the (image, question) pairs in ``self.entries`` instead of the images."""
 
-    def __init__(self, images: DetectionLoader, data_dir: str, context_length: int):
+    def __init__(self, images: DetectionLoader, data_dir: str, context_length: int, decode_images: bool = True):
         from florence.data.loader import load_manifest
 
         vars(self).update(vars(images))  # the image loader's settings, shard index and decoder
@@ -633,7 +635,23 @@ class VQALoader(DetectionLoader):
         self.images = self.entries  # (shard path, key, jpg offset, jpg size, json offset, json size) per image
         self.metas = [json.loads(self._read(path, mo, ms)) for path, _, _, _, mo, ms in self.images]
         self.entries = [(i, j) for i, meta in enumerate(self.metas) for j in range(len(meta["questions"]))]
+        self.first = np.cumsum([0] + [len(meta["questions"]) for meta in self.metas])  # image i: entries first[i]..
+        self.decode_images = decode_images
         self.set_epoch(self.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch's question order: in training a seeded permutation of the images (seed, epoch), each image's
+        questions one after another in their order (so that a batch holds all questions of few images, each image
+        decoded and encoded once); in evaluation the shards' order. Split between ranks as the image loader splits
+        (``split``)."""
+        from florence.data.video import _rank_positions
+
+        self.epoch = epoch
+        images = np.arange(len(self.metas))
+        if self.train:
+            images = np.random.default_rng([self.seed, epoch]).permutation(len(self.metas))
+        order = np.concatenate([np.arange(self.first[i], self.first[i + 1]) for i in images] or [np.zeros(0, int)])
+        self.positions = _rank_positions(order, self.rank, self.world, self.batch_size, self.drop_last, self.split)
 
     def plan(self, meta: dict) -> dict:
         """Every image's plan, in training too: the longer side resized to ``size``, top-left (no crop, no flip)."""
@@ -645,19 +663,22 @@ class VQALoader(DetectionLoader):
 
         units = [self.entries[p] for p in self.positions[b * self.batch_size : (b + 1) * self.batch_size]]
         unique = list(dict.fromkeys(i for i, _ in units))
-        blobs = [self._read(path, jo, js) for path, _, jo, js, _, _ in (self.images[i] for i in unique)]
-        names = [f"{os.path.basename(self.images[i][0])}:{self.images[i][1]}.jpg" for i in unique]
-        if self.decoder is None:
-            decoded = [pil_decode(blob, n) for blob, n in zip(blobs, names, strict=True)]
-        else:
-            decoded = self.decoder(blobs, names)
-        placed = np.zeros((len(unique), 3, self.size, self.size), dtype=np.float32)
-        for k, (i, image) in enumerate(zip(unique, decoded, strict=True)):
-            _place(image, self.plan(self.metas[i]), self.size, placed[k])
+        placed = None
+        if self.decode_images:
+            blobs = [self._read(path, jo, js) for path, _, jo, js, _, _ in (self.images[i] for i in unique)]
+            names = [f"{os.path.basename(self.images[i][0])}:{self.images[i][1]}.jpg" for i in unique]
+            if self.decoder is None:
+                decoded = [pil_decode(blob, n) for blob, n in zip(blobs, names, strict=True)]
+            else:
+                decoded = self.decoder(blobs, names)
+            placed = np.zeros((len(unique), 3, self.size, self.size), dtype=np.float32)
+            for k, (i, image) in enumerate(zip(unique, decoded, strict=True)):
+                _place(image, self.plan(self.metas[i]), self.size, placed[k])
+            placed = torch.from_numpy(placed)
         where = {i: k for k, i in enumerate(unique)}
         questions = [self.metas[i]["questions"][j] for i, j in units]
         answers = [q["answers"] for q in questions]
-        return {"images": torch.from_numpy(placed[[where[i] for i, _ in units]]),
+        return {"images": placed, "image_index": torch.tensor([where[i] for i, _ in units], dtype=torch.int64),
                 "tokens": tokenize([q["question"] for q in questions], self.context_length),
                 "targets": _targets(answers, self.vocab_index),
                 "question_ids": torch.tensor([q["question_id"] for q in questions], dtype=torch.int64),
@@ -673,20 +694,24 @@ def _check_context_length(context_length) -> None:
 
 def make_vqa_loader(data_dir: str, batch_size: int, size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                     train: bool = True, drop_last: bool = True, backend: str = "auto", split: str = "global_batch",
-                    context_length: int = 32, num_threads: int | None = None) -> VQALoader:  # fmt: skip
-    """A loader of question batches from curated shards (``curate_vqa``; module docstring): {"images": float32 (B,
-    3, size, size), "tokens": int64 (B, context_length) (CLIP BPE, ``florence.tokenizer.tokenize``), "targets":
-    float32 (B, A) soft scores over the manifest's A answers (``soft_scores``), "question_ids" and "image_ids":
-    int64 (B,), "question_types": [str] * B, "answers": [[str]] * B (the human answers)}. ``train``: a new seeded
-    order of the questions every epoch (``set_epoch``), else the shards' order; ``split``: "global_batch" (rank r
-    takes the r-th slice of each global batch) or "rank" (positions r, r + world_size, ...). backend "auto" takes
-    DALI where it imports, else PIL ("torch"); ``num_threads`` is DALI's. Raises ValueError naming a bad argument;
-    the tokenizer needs open_clip (florence.optional's ImportError names it)."""
+                    context_length: int = 32, num_threads: int | None = None,
+                    decode_images: bool = True) -> VQALoader:  # fmt: skip
+    """A loader of question batches from curated shards (``curate_vqa``; module docstring): {"images": float32 (N,
+    3, size, size) (each image of the batch once; None with ``decode_images=False``, for the question-only model),
+    "image_index": int64 (B,) (question b's row in "images"), "tokens": int64 (B, context_length) (CLIP BPE,
+    ``florence.tokenizer.tokenize``), "targets": float32 (B, A) soft scores over the manifest's A answers
+    (``soft_scores``), "question_ids" and "image_ids": int64 (B,), "question_types": [str] * B, "answers": [[str]] *
+    B (the human answers)}. ``train``: a new seeded order every epoch (``set_epoch``: the images permuted, each
+    image's questions together, so a batch of B questions of a canvas with k questions holds about B / k images),
+    else the shards' order; ``split``: "global_batch" (rank r takes the r-th slice of each global batch) or "rank"
+    (positions r, r + world_size, ...). backend "auto" takes DALI where it imports, else PIL ("torch");
+    ``num_threads`` is DALI's. Raises ValueError naming a bad argument; the tokenizer needs open_clip
+    (florence.optional's ImportError names it)."""
     _check_context_length(context_length)
     images = make_detection_loader(data_dir, batch_size, size, rank=rank, world_size=world_size, seed=seed,
                                    train=train, drop_last=drop_last, backend=backend, split=split,
                                    num_threads=num_threads)  # fmt: skip
-    return VQALoader(images, data_dir, context_length)
+    return VQALoader(images, data_dir, context_length, decode_images)
 
 
 def read_answer_vocab(path: str) -> list[str]:

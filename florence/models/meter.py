@@ -138,10 +138,15 @@ class METER(nn.Module):
             gradient stalls DeepSpeed's reductions).
         backend: florence_kernels backend of CoSwin's ops.
 
-    ``forward(images (B, 3, H, W) float or None, tokens (B, L) int)`` -> {"text": (B, L, width), "image": (B, h w,
-    width) (absent when question_only), "pooled": (B, 2 width) (question_only: (B, width)), "vqa_logits": (B,
-    num_answers), "itm_logits": (B, 2) (only with itm)}. ValueError for images that are not (B, 3, H, W)
-    with H, W multiples of 32, tokens that are not (B, L) integers, or batch sizes that differ.
+    ``forward(images, tokens, image_index=None)``: images (N, 3, H, W) float (None when question_only), tokens (B,
+    L) int (CLIP BPE, zero-padded after each row's end-of-text token), image_index (B,) int: question b asks about
+    images[image_index[b]] (None: N = B, one image per question). Each image goes through the image tower once
+    however many questions share it (a VQA canvas has several). Returns {"text": (B, L', width) with L' = the
+    batch's longest question through its end-of-text token (the positions after it are padding, cut: the causal
+    tower's states up to L' are those of the full context), "image": (B, h w, width) (absent when question_only),
+    "pooled": (B, 2 width) (question_only: (B, width)), "vqa_logits": (B, num_answers), "itm_logits": (B, 2) (only
+    with itm)}. ValueError for images that are not (N, 3, H, W) with H, W multiples of 32, tokens that are not (B,
+    L >= 1) integers, N != B without image_index, or an image_index that is not (B,) integers in [0, N).
     """
 
     def __init__(self, vision: dict, text: dict, num_answers: int, width: int = 768, heads: int = 12,
@@ -216,40 +221,60 @@ class METER(nn.Module):
         if not self.question_only:
             self.visual.set_grad_checkpointing(enable)
 
-    def _check(self, images, tokens):
+    def _check(self, images, tokens, image_index):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens: expected (B, L) integer token ids, got {got}")
+        if tokens.shape[1] == 0:
+            raise ValueError(f"tokens: expected at least one position (the end-of-text token), got "
+                             f"{tuple(tokens.shape)}")  # fmt: skip
         if self.question_only:
             return
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images: expected (B, 3, H, W), got {got}")
+            raise ValueError(f"images: expected (N, 3, H, W), got {got}")
         if images.shape[-1] % 32 or images.shape[-2] % 32 or images.shape[-1] == 0 or images.shape[-2] == 0:
             raise ValueError(f"images: height and width must be positive multiples of 32 (CoSwin's last stride), got "
                              f"{images.shape[-2]}x{images.shape[-1]}")  # fmt: skip
-        if images.shape[0] != tokens.shape[0]:
-            raise ValueError(f"images and tokens: batch sizes differ ({images.shape[0]} vs {tokens.shape[0]})")
+        if image_index is None:
+            if images.shape[0] != tokens.shape[0]:
+                raise ValueError(f"images and tokens: batch sizes differ ({images.shape[0]} vs {tokens.shape[0]}; "
+                                 "pass image_index to share images between questions)")  # fmt: skip
+            return
+        if (not isinstance(image_index, torch.Tensor) or image_index.shape != (tokens.shape[0],)
+                or image_index.dtype not in (torch.int64, torch.int32)):  # fmt: skip
+            got = f"{tuple(image_index.shape)} {image_index.dtype}" if isinstance(image_index, torch.Tensor) else (
+                type(image_index).__name__)  # fmt: skip
+            raise ValueError(f"image_index: expected ({tokens.shape[0]},) integer rows of images (one per question), "
+                             f"got {got}")  # fmt: skip
+        if len(image_index) and (int(image_index.min()) < 0 or int(image_index.max()) >= images.shape[0]):
+            raise ValueError(f"image_index: rows must lie in [0, {images.shape[0]}) (the images given), got "
+                             f"{int(image_index.min())}..{int(image_index.max())}")  # fmt: skip
 
-    def forward(self, images, tokens):
-        self._check(images, tokens)
-        # real tokens: up to each row's end-of-text token (the largest id, CLIP's convention, as the text tower pools)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        text_mask = positions[None] <= tokens.argmax(dim=-1, keepdim=True)
+    def forward(self, images, tokens, image_index=None):
+        self._check(images, tokens, image_index)
+        # The real tokens: up to each row's end-of-text token (the largest id, CLIP's convention, as the text tower
+        # pools). The causal tower's states there do not depend on later positions, so the batch is cut after its
+        # longest question: the same states, (context - L') fewer positions in every layer.
+        eot = tokens.argmax(dim=-1)
+        length = int(eot.max()) + 1 if len(eot) else 1
+        tokens = tokens[:, :length]
+        text_mask = torch.arange(length, device=tokens.device)[None] <= eot[:, None]
         t = self.text_proj(self.text.forward_tokens(tokens)) + self.token_type.weight[0]
         out = {}
         if self.question_only:
             for layer in self.text_layers:
                 t = layer(t, text_mask)
         else:
-            grid = self.visual.forward_tokens(images)  # (B, h, w, C)
-            B, h, w, _ = grid.shape
+            grid = self.visual.forward_tokens(images)  # (N, h, w, C): each image once
+            N, h, w, _ = grid.shape
             pos = sincos_2d(h, w, self.width, device=grid.device, dtype=grid.dtype)
-            v = self.image_proj(grid.reshape(B, h * w, -1)) + pos + self.token_type.weight[1]
+            v = self.image_proj(grid.reshape(N, h * w, -1)) + pos + self.token_type.weight[1]
+            if image_index is not None:
+                v = v[image_index]  # (B, h w, width): each question's image
             for text_layer, image_layer in zip(self.text_layers, self.image_layers, strict=True):
                 t, v = text_layer(t, text_mask, v, None), image_layer(v, None, t, text_mask)
             out["image"] = v
-        eot = tokens.argmax(dim=-1)
         pooled = torch.tanh(self.text_pooler(t[torch.arange(t.shape[0], device=t.device), eot]))
         if not self.question_only:
             pooled = torch.cat([pooled, torch.tanh(self.image_pooler(v.mean(dim=1)))], dim=-1)

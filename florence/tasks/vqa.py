@@ -24,10 +24,40 @@ import torch
 from . import Task, global_mean
 
 
+def _images_of(images, image_index, question_only, device):
+    """(the images a slice of questions asks about, each once; each question's row among them), on ``device``;
+    (None, None) for the question-only model."""
+    if question_only:
+        return None, None
+    unique, rows = torch.unique(image_index, return_inverse=True)
+    return images[unique].to(device), rows.to(device)
+
+
 class VQATask(Task):
     unit = "samples"
     eval_key = "accuracy"
     requires = ("deepspeed",)
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        v = cfg["vqa"]
+        for key, low in (("width", 4), ("heads", 1), ("layers", 0), ("eval_batch_size", 1)):
+            value = v.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"vqa.{key}: expected an int >= {low}, got {value!r}")
+        if v["width"] % 4 or v["width"] % v["heads"]:
+            raise ValueError(f"vqa.width: {v['width']} must be a multiple of 4 (the 2D position embedding) and of "
+                             f"vqa.heads ({v['heads']})")  # fmt: skip
+        for key in ("dropout", "drop_path_rate"):
+            value = v.get(key)
+            if value is None and key == "drop_path_rate":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+                raise ValueError(f"vqa.{key}: expected a probability in [0, 1), got {value!r}")
+        if not isinstance(v.get("mlp_ratio"), (int, float)) or isinstance(v["mlp_ratio"], bool) or v["mlp_ratio"] <= 0:
+            raise ValueError(f"vqa.mlp_ratio: expected a positive number, got {v.get('mlp_ratio')!r}")
+        if not isinstance(v.get("question_only"), bool):
+            raise ValueError(f"vqa.question_only: expected true or false, got {v.get('question_only')!r}")
 
     def answers(self) -> list[str]:
         """The answer vocabulary of the training shards (logit k = answers[k])."""
@@ -71,18 +101,19 @@ class VQATask(Task):
         cfg, d = self.cfg, self.cfg["data"]
         return make_vqa_loader(d["shards"], per_rank, d["image_size"], rank=rank, world_size=world, seed=cfg["seed"],
                                train=True, drop_last=True, backend=d["loader"], split="global_batch",
-                               context_length=self._context_length())  # fmt: skip
+                               context_length=self._context_length(),
+                               decode_images=not cfg["vqa"]["question_only"])  # fmt: skip
 
     def train_step(self, engine, batch, chunk, autocast):
         from florence.models.meter import vqa_loss
 
         question_only = self.cfg["vqa"]["question_only"]
-        images = None if question_only else batch["images"].to(self.device)
         tokens, targets = batch["tokens"].to(self.device), batch["targets"].to(self.device)
         total, n = torch.zeros((), device=self.device), tokens.shape[0]
         for i in range(0, n, chunk):
+            images, index = _images_of(batch["images"], batch["image_index"][i : i + chunk], question_only, self.device)
             with autocast():
-                out = engine(None if images is None else images[i : i + chunk], tokens[i : i + chunk])
+                out = engine(images, tokens[i : i + chunk], index)
             loss = vqa_loss(out["vqa_logits"].float(), targets[i : i + chunk])
             engine.backward(loss)  # DeepSpeed divides by the accumulation steps; the last micro-step steps
             engine.step()
@@ -111,9 +142,9 @@ class VQATask(Task):
         tokens, index = eval_set["tokens"], eval_set["image_index"]
         predictions = []
         for i in range(0, len(tokens), step):
-            images = None if question_only else eval_set["images"][index[i : i + step]].to(self.device)
+            images, rows = _images_of(eval_set["images"], index[i : i + step], question_only, self.device)
             with autocast():
-                logits = engine(images, tokens[i : i + step].to(self.device))["vqa_logits"]
+                logits = engine(images, tokens[i : i + step].to(self.device), rows)["vqa_logits"]
             predictions += [answers[k] for k in logits.float().argmax(dim=-1).tolist()]
         module.train(was_training)
         report = vqa_report(predictions, eval_set["answers"], eval_set["question_types"])

@@ -382,7 +382,8 @@ def test_loader_batches_hold_the_questions_answers_and_images(data, eval_train):
     batches = list(loader)
     assert sorted(_ids(batches)) == sorted(by_id)  # every question once per epoch
     b = batches[0]
-    assert b["images"].shape == (8, 3, 64, 64) and b["images"].dtype == torch.float32
+    assert b["images"].shape[1:] == (3, 64, 64) and b["images"].dtype == torch.float32
+    assert b["image_index"].shape == (8,) and b["image_index"].dtype == torch.int64
     assert b["tokens"].shape == (8, 32) and b["tokens"].dtype == torch.int64
     assert b["targets"].shape == (8, len(manifest["answers"])) and b["targets"].dtype == torch.float32
     assert b["question_ids"].dtype == torch.int64 and b["image_ids"].dtype == torch.int64
@@ -395,8 +396,26 @@ def test_loader_batches_hold_the_questions_answers_and_images(data, eval_train):
         hot = torch.zeros(len(qs), len(manifest["answers"]))
         hot[range(len(qs)), [manifest["answers"].index(q["multiple_choice_answer"]) for q in qs]] = 1
         assert torch.equal(batch["targets"], hot)  # ten equal answers: a score of 1 for that answer
-        rows = [row_of[i] for i in batch["image_ids"].tolist()]
+        # each image once, in the order of its first question; question b's image is images[image_index[b]]
+        ids = batch["image_ids"].tolist()
+        unique = list(dict.fromkeys(ids))
+        assert len(batch["images"]) == len(unique)
+        assert batch["image_index"].tolist() == [unique.index(i) for i in ids]
+        rows = [row_of[i] for i in unique]
         assert torch.equal(batch["images"], eval_train["images"][rows])  # resized only: no crop, flip or jitter
+    # training order: the images permuted, each image's questions together (in their order)
+    order = _ids(batches)
+    per_image = {}
+    for q in order:
+        per_image.setdefault(by_id[q]["image_id"], []).append(q)
+    starts = [order.index(qs[0]) for qs in per_image.values()]
+    assert all(order[k : k + len(qs)] == qs for k, qs in zip(starts, per_image.values(), strict=True))
+    assert list(per_image) != sorted(per_image)  # permuted
+    assert sum(len(b["images"]) for b in batches) < len(order)  # images shared between a batch's questions
+    # the question-only model's loader decodes nothing
+    blind = list(make_vqa_loader(str(root / "shards"), 8, 64, backend="torch", seed=1, decode_images=False))
+    assert all(b["images"] is None for b in blind) and _ids(blind) == order
+    assert all(torch.equal(x["image_index"], y["image_index"]) for x, y in zip(blind, batches, strict=True))
 
 
 @needs_tokenizer
