@@ -285,9 +285,10 @@ def param_groups(wrapper, prefix: str, no_decay: set[str], lr: float, weight_dec
     return out
 
 
-def build_engine(cfg, model, world, device, wrapper=None, no_decay_names=None):
+def build_engine(cfg, model, world, device, wrapper=None, no_decay_names=None, lr_multipliers=None):
     """DeepSpeed's engine over ``wrapper`` (default: TrainWrapper(model)); AdamW without weight decay on
-    ``no_decay_names`` (names in ``model``; default: model.no_weight_decay_names()), lr per ``param_groups``.
+    ``no_decay_names`` (names in ``model``; default: model.no_weight_decay_names()), lr per ``param_groups`` with
+    ``lr_multipliers`` (default: ``optimizer.lr_multipliers``; a task's ``Task.lr_multipliers``).
     Returns (engine, per-rank batch, chunk, group 0's lr factor). ValueError for a batch that does not split over
     the ranks and chunks, or a bad ``optimizer.lr_multipliers``."""
     from florence.optional import require
@@ -304,7 +305,8 @@ def build_engine(cfg, model, world, device, wrapper=None, no_decay_names=None):
     prefix = next((f"{n}." for n, m in wrapper.named_modules() if m is model and n), "")
     no_decay = {prefix + n for n in names}
     o = cfg["optimizer"]
-    groups = param_groups(wrapper, prefix, no_decay, o["lr"], o["weight_decay"], o.get("lr_multipliers") or {})
+    multipliers = (o.get("lr_multipliers") or {}) if lr_multipliers is None else lr_multipliers
+    groups = param_groups(wrapper, prefix, no_decay, o["lr"], o["weight_decay"], multipliers)
     optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     ds = {
@@ -569,7 +571,7 @@ def run(cfg: dict) -> dict:
     model = task.build_model()
     model.set_grad_checkpointing(bool(cfg["activation_checkpointing"]))
     engine, per_rank, chunk, lr_factor = build_engine(cfg, model, world, device, task.wrap(model),
-                                                      task.no_weight_decay(model))  # fmt: skip
+                                                      task.no_weight_decay(model), task.lr_multipliers())  # fmt: skip
     step = load_checkpoint(engine, ckpt_dir, rank) if cfg["resume"] else 0
     loader = task.make_loader(rank, world, per_rank)
     steps_per_epoch = len(loader)

@@ -103,6 +103,8 @@ def test_demo_prints_the_headline_line_and_writes_its_summary(data, pretrained, 
     config.write_text(json.dumps({
         "task": "vqa", "model": "florence_cpu_test", "batch_size": 8, "precision": "fp32", "zero_stage": 2,
         "steps": 2, "eval_interval": 1, "checkpoint_interval": 0, "schedule": {"warmup_steps": 1},
+        # configs/vqa.yaml's multipliers: the question-only run (no image tower) drops "visual."
+        "optimizer": {"lr_multipliers": {"visual.": 0.1, "text.": 0.1, "image_proj.": 1.0}},
         "data": {"shards": str(data / "shards"), "eval": str(data / "raw"), "image_size": 64, "loader": "torch"},
         "vqa": {"width": 32, "heads": 4, "layers": 1, "dropout": 0.0}}))  # fmt: skip
     out = tmp_path / "demo"
@@ -125,6 +127,13 @@ def test_task_config_errors_name_the_key(data, tmp_path):
     cfg = load_config(None, [f"data.shards={tmp_path}", "task=vqa"])
     with pytest.raises(ValueError, match="lists no answers"):
         get_task("vqa")(cfg, "cpu").answers()
+    # one config's lr_multipliers serve the question-only model, which has no image side
+    multipliers = 'optimizer.lr_multipliers={"visual.": 0.1, "text.": 0.1, "image_pooler.": 2.0}'
+    for question_only, expected in ((False, {"visual.": 0.1, "text.": 0.1, "image_pooler.": 2.0}),
+                                    (True, {"text.": 0.1})):  # fmt: skip
+        cfg = load_config(None, [f"data.shards={data / 'shards'}", "task=vqa", multipliers,
+                                 f"vqa.question_only={str(question_only).lower()}"])  # fmt: skip
+        assert get_task("vqa")(cfg, "cpu").lr_multipliers() == expected
     # the fusion's keys are checked when the config loads, before any process starts
     for key, value, message in (("width", "30", r"vqa.width: 30 must be a multiple of 4"),
                                 ("width", "40", r"40 must be a multiple of 4 .* and of vqa.heads \(12\)"),

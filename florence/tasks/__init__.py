@@ -61,6 +61,11 @@ class Task:
         """The module DeepSpeed wraps (its forward is what ``engine(...)`` calls); the model itself by default."""
         return model
 
+    def lr_multipliers(self) -> dict:
+        """The learning-rate factors per parameter-name prefix (``optimizer.lr_multipliers``, checked when the config
+        loads); a task whose model leaves out a module of its config's multipliers drops that prefix here."""
+        return dict(self.cfg["optimizer"].get("lr_multipliers") or {})
+
     def no_weight_decay(self, model: torch.nn.Module) -> set[str]:
         """Names (in ``model``) of parameters AdamW does not decay: norms, biases, position tables by default."""
         return {n for n, p in model.named_parameters() if p.dim() <= 1 or "relative_position_bias_table" in n}

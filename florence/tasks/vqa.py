@@ -23,6 +23,8 @@ import torch
 
 from . import Task, global_mean
 
+IMAGE_SIDE = ("visual", "image_")  # METER's modules that the question-only model leaves out
+
 
 def _images_of(images, image_index, question_only, device):
     """(the images a slice of questions asks about, each once; each question's row among them), on ``device``;
@@ -91,6 +93,14 @@ class VQATask(Task):
         overrides = cfg.get("model_overrides") or {}
         return METER(base["vision"] | overrides.get("vision", {}) | vision, base["text"] | overrides.get("text", {}),
                      num_answers, **self._kwargs())  # fmt: skip
+
+    def lr_multipliers(self) -> dict:
+        """``optimizer.lr_multipliers``; the question-only model has no image tower, image stream or cross-attention,
+        so its run drops the prefixes of those (``visual.``, ``image_``): one config serves the three runs."""
+        multipliers = super().lr_multipliers()
+        if self.cfg["vqa"]["question_only"]:
+            multipliers = {k: v for k, v in multipliers.items() if not k.startswith(IMAGE_SIDE)}
+        return multipliers
 
     def no_weight_decay(self, model):
         return model.no_weight_decay_names()
