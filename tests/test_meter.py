@@ -121,10 +121,10 @@ def test_the_answer_depends_on_the_image_and_on_the_question():
 def test_a_tiny_model_learns_an_answer_only_the_image_gives():
     """One question ("what colour is the square?"), two answers given by the image alone (a red or a blue square on
     grey, anywhere): a tiny METER trained with its towers at 0.1 x the fusion's learning rate (METER's recipe; the
-    vqa config's lr_multipliers) answers fresh images without a mistake after 100 steps. Guards the wiring from the
-    image tower to the answer. (With the towers at the full rate the same run stays at the prior, loss 2 ln 2: Adam's
-    full-size steps on the towers' gradients, noise while the fresh head cannot yet read them, wipe out the colour
-    before the head learns it.)"""
+    factor configs/vqa.yaml gives them, here in the test's own optimizer groups) answers fresh images without a
+    mistake after 100 steps. Guards the wiring from the image tower to the answer. (With the towers at the full rate
+    the same run stays at the prior, loss 2 ln 2: Adam's full-size steps on the towers' gradients, noise while the
+    fresh head cannot yet read them, wipe out the colour before the head learns it.)"""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     red, blue = torch.tensor([1.0, 0.0, 0.0])[:, None, None], torch.tensor([0.0, 0.0, 1.0])[:, None, None]
@@ -319,6 +319,8 @@ def test_bad_inputs_name_the_argument():
         m(torch.randn(2, 3, 64, 64), tokens, torch.tensor([0.0]))
     with pytest.raises(ValueError, match=r"image_index: rows must lie in \[0, 2\).* got 2..2"):
         m(torch.randn(2, 3, 64, 64), tokens, torch.tensor([2]))
+    empty = m(torch.randn(0, 3, 64, 64), tokens[:0], torch.zeros(0, dtype=torch.int64))  # an empty batch: empty outputs
+    assert empty["vqa_logits"].shape == (0, 7) and empty["image"].shape == (0, 4, 32)
     with pytest.raises(ValueError, match="at least one position"):
         m(torch.randn(1, 3, 64, 64), tokens[:, :0])
     with pytest.raises(ValueError, match=r"tokens: expected \(B, L\) integer token ids"):

@@ -62,13 +62,15 @@ def test_vqa_task_from_a_pretraining_checkpoint_resumes_exactly(data, pretrained
     assert torch.equal(model.visual.embeds[0].proj.weight, flo.visual.embeds[0].proj.weight)
     answers = json.load(open(data / "shards" / "manifest.json"))["answers"]
     assert model.vqa_head[-1].out_features == len(answers) and not hasattr(model, "itm_head")
-    proc = _vqa(data, tmp_path / "full", "steps=4", "checkpoint_interval=2", "eval_interval=2", "--init",
-                str(pretrained))  # fmt: skip
+    # chunk_size 2 of the per-rank 8: each micro-batch takes its own questions' images (the index remapped)
+    proc = _vqa(data, tmp_path / "full", "steps=4", "checkpoint_interval=2", "eval_interval=2", "chunk_size=2",
+                "--init", str(pretrained))  # fmt: skip
     assert "vqa accuracy:" in proc.stdout
     shutil.copytree(tmp_path / "full", tmp_path / "part")
     (tmp_path / "part" / "checkpoints" / "latest").write_text("step0000002")
     shutil.rmtree(tmp_path / "part" / "checkpoints" / "step0000004")
-    _vqa(data, tmp_path / "part", "steps=4", "checkpoint_interval=2", "eval_interval=2", "--init", str(pretrained))
+    _vqa(data, tmp_path / "part", "steps=4", "checkpoint_interval=2", "eval_interval=2", "chunk_size=2", "--init",
+         str(pretrained))  # fmt: skip
     full, part = _losses(tmp_path / "full"), _losses(tmp_path / "part")
     assert sorted(full) == [1, 2, 3, 4] and sorted(part) == [1, 2, 3, 4]
     for s in (3, 4):
@@ -128,9 +130,14 @@ def test_task_config_errors_name_the_key(data, tmp_path):
     with pytest.raises(ValueError, match="lists no answers"):
         get_task("vqa")(cfg, "cpu").answers()
     # one config's lr_multipliers serve the question-only model, which has no image side
-    multipliers = 'optimizer.lr_multipliers={"visual.": 0.1, "text.": 0.1, "image_pooler.": 2.0}'
-    for question_only, expected in ((False, {"visual.": 0.1, "text.": 0.1, "image_pooler.": 2.0}),
-                                    (True, {"text.": 0.1})):  # fmt: skip
+    multipliers = (
+        'optimizer.lr_multipliers={"visual.": 0.1, "text.": 0.1, "image_pooler.": 2.0, '
+        '"text_layers.0.cross_attn.": 3.0, "text_layers.1.ln2.": 3.0, "text_layers.0.self_attn.": 0.5}'
+    )
+    for question_only, expected in ((False, {"visual.": 0.1, "text.": 0.1, "image_pooler.": 2.0,
+                                             "text_layers.0.cross_attn.": 3.0, "text_layers.1.ln2.": 3.0,
+                                             "text_layers.0.self_attn.": 0.5}),
+                                    (True, {"text.": 0.1, "text_layers.0.self_attn.": 0.5})):  # fmt: skip
         cfg = load_config(None, [f"data.shards={data / 'shards'}", "task=vqa", multipliers,
                                  f"vqa.question_only={str(question_only).lower()}"])  # fmt: skip
         assert get_task("vqa")(cfg, "cpu").lr_multipliers() == expected
@@ -143,8 +150,22 @@ def test_task_config_errors_name_the_key(data, tmp_path):
                                 ("drop_path_rate", "-0.1", r"vqa.drop_path_rate: expected a probability"),
                                 ("mlp_ratio", "0", r"vqa.mlp_ratio: expected a positive number"),
                                 ("eval_batch_size", "0", r"vqa.eval_batch_size: expected an int >= 1"),
-                                ("question_only", "'yes'", r"vqa.question_only: expected true or false")):  # fmt: skip
+                                ("question_only", "'yes'", r"vqa.question_only: expected true or false"),
+                                ("questions_only", "true", r"vqa: unknown keys \['questions_only'\]")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             load_config(None, [f"data.shards={data / 'shards'}", "task=vqa", f"vqa.{key}={value}"])
+    with pytest.raises(ValueError, match="vqa: expected a mapping"):
+        load_config(None, [f"data.shards={data / 'shards'}", "task=vqa", "vqa=null"])
     # another task's keys are its own business
     load_config(None, [f"data.shards={data / 'shards'}", "task=pretrain", "vqa.width=30"])
+
+
+def test_images_of_gives_each_slice_its_own_images_once():
+    from florence.tasks.vqa import _images_of
+
+    images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 3, 2, 2)
+    index = torch.tensor([3, 3, 0, 4, 0])
+    picked, rows = _images_of(images, index, False, "cpu")
+    assert picked[:, 0, 0, 0].tolist() == [0.0, 3.0, 4.0] and rows.tolist() == [1, 1, 0, 2, 0]
+    assert torch.equal(picked[rows], images[index])
+    assert _images_of(images, index, True, "cpu") == (None, None)

@@ -622,8 +622,9 @@ def curate_vqa(annotations: str, out_dir: str, image_root: str | None = None, sh
 class VQALoader(DetectionLoader):
     """Batches of questions of one rank (module docstring). Build with ``make_vqa_loader``: it is made from the
     image loader ``make_detection_loader`` gives for the same arguments (their checks, the shards' index, the
-    decoder), and its epoch order, rank split, ``set_epoch``, ``__len__`` and ``iterate(start_batch)`` are that
-    class's, over the (image, question) pairs in ``self.entries`` instead of the images."""
+    decoder), and its rank split, ``__len__`` and ``iterate(start_batch)`` are that class's, over the (image,
+    question) pairs in ``self.entries`` instead of the images; ``set_epoch`` (its own) keeps each image's questions
+    together."""
 
     def __init__(self, images: DetectionLoader, data_dir: str, context_length: int, decode_images: bool = True):
         from florence.data.loader import load_manifest
@@ -702,11 +703,12 @@ def make_vqa_loader(data_dir: str, batch_size: int, size: int, *, rank: int = 0,
     ``florence.tokenizer.tokenize``), "targets": float32 (B, A) soft scores over the manifest's A answers
     (``soft_scores``), "question_ids" and "image_ids": int64 (B,), "question_types": [str] * B, "answers": [[str]] *
     B (the human answers)}. ``train``: a new seeded order every epoch (``set_epoch``: the images permuted, each
-    image's questions together, so a batch of B questions of a canvas with k questions holds about B / k images),
-    else the shards' order; ``split``: "global_batch" (rank r takes the r-th slice of each global batch) or "rank"
-    (positions r, r + world_size, ...). backend "auto" takes DALI where it imports, else PIL ("torch");
-    ``num_threads`` is DALI's. Raises ValueError naming a bad argument; the tokenizer needs open_clip
-    (florence.optional's ImportError names it)."""
+    image's questions together, so that with ``split="global_batch"`` a rank's batch of B questions about canvases
+    with k questions each holds about B / k + 1 images: a canvas at a batch's or a rank's edge is read on both
+    sides), else the shards' order; ``split``: "global_batch" (rank r takes the r-th slice of each global batch) or
+    "rank" (positions r, r + world_size, ...: this interleaves an image's questions over the ranks). backend "auto"
+    takes DALI where it imports, else PIL ("torch"); ``num_threads`` is DALI's. Raises ValueError naming a bad argument;
+    the tokenizer needs open_clip (florence.optional's ImportError names it)."""
     _check_context_length(context_length)
     images = make_detection_loader(data_dir, batch_size, size, rank=rank, world_size=world_size, seed=seed,
                                    train=train, drop_last=drop_last, backend=backend, split=split,

@@ -3,13 +3,15 @@
 Transformers", its co-attention "merged attention"-free variant and its VQAv2 head).
 
 Streams:
-- image: CoSwin's last-stage tokens after its final LayerNorm (``CoSwin.forward_tokens``: (B, h, w, C), h = H / 32),
-  flattened row-major to (B, h w, C) -> Linear(C, width) + a fixed 2D sine-cosine position embedding (MAE's; METER's
-  CLIP-ViT carries absolute positions in its tokens, a Swin does not, and questions about "left" and "right" need
-  them) + token type 1.
+- image: CoSwin's last-stage tokens after its final LayerNorm (``CoSwin.forward_tokens``: (N, h, w, C), h = H / 32,
+  each image once), flattened row-major to (N, h w, C) -> Linear(C, width) + a fixed 2D sine-cosine position
+  embedding (MAE's; METER's CLIP-ViT carries absolute positions in its tokens, a Swin does not, and questions about
+  "left" and "right" need them) + token type 1, then gathered per question by ``image_index`` (B rows: questions
+  that share an image share its tokens, computed once).
 - text: the text tower's every token state (``TextTransformer.forward_tokens``: (B, L, text width), causal) ->
   Linear(text width, width) + token type 0; the positions after each row's end-of-text token (the row's largest
-  id, CLIP's convention; CLIP's tokenizer pads with 0) are masked out of every attention over text.
+  id, CLIP's convention; CLIP's tokenizer pads with 0) are masked out of every attention over text, and the batch is
+  cut after its longest question (the causal tower's states up to there do not depend on the padding).
 
 Fusion: ``layers`` co-attention layers per stream (:class:`CoAttentionLayer`, METER's BertCrossLayer): self-attention
 -> cross-attention (queries from its own stream, keys and values from the other stream's previous-layer states, the
@@ -269,7 +271,7 @@ class METER(nn.Module):
             grid = self.visual.forward_tokens(images)  # (N, h, w, C): each image once
             N, h, w, _ = grid.shape
             pos = sincos_2d(h, w, self.width, device=grid.device, dtype=grid.dtype)
-            v = self.image_proj(grid.reshape(N, h * w, -1)) + pos + self.token_type.weight[1]
+            v = self.image_proj(grid.reshape(N, h * w, grid.shape[-1])) + pos + self.token_type.weight[1]
             if image_index is not None:
                 v = v[image_index]  # (B, h w, width): each question's image
             for text_layer, image_layer in zip(self.text_layers, self.image_layers, strict=True):

@@ -62,8 +62,9 @@ class Task:
         return model
 
     def lr_multipliers(self) -> dict:
-        """The learning-rate factors per parameter-name prefix (``optimizer.lr_multipliers``, checked when the config
-        loads); a task whose model leaves out a module of its config's multipliers drops that prefix here."""
+        """The learning-rate factors per parameter-name prefix (``optimizer.lr_multipliers``: their values are checked
+        when the config loads, their prefixes against the model's parameters in ``build_engine``); a task whose model
+        leaves out a module of its config's multipliers drops that prefix here."""
         return dict(self.cfg["optimizer"].get("lr_multipliers") or {})
 
     def no_weight_decay(self, model: torch.nn.Module) -> set[str]:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 
 from . import Task, global_mean
 
-IMAGE_SIDE = ("visual", "image_")  # METER's modules that the question-only model leaves out
+IMAGE_SIDE = ("visual", "image_")  # METER's modules that the question-only model leaves out ...
+CROSS_PARTS = re.compile(r"^text_layers\.(\d+\.)?(cross_attn|ln2)(\.|$)")  # ... and its text layers' cross parts
 
 
 def _images_of(images, image_index, question_only, device):
@@ -42,7 +44,14 @@ class VQATask(Task):
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:
-        v = cfg["vqa"]
+        from florence.train import DEFAULTS
+
+        v = cfg.get("vqa")
+        if not isinstance(v, dict):
+            raise ValueError(f"vqa: expected a mapping of the fusion's settings, got {v!r}")
+        unknown = sorted(set(v) - set(DEFAULTS["vqa"]))
+        if unknown:
+            raise ValueError(f"vqa: unknown keys {unknown} (known: {sorted(DEFAULTS['vqa'])})")
         for key, low in (("width", 4), ("heads", 1), ("layers", 0), ("eval_batch_size", 1)):
             value = v.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -96,10 +105,12 @@ class VQATask(Task):
 
     def lr_multipliers(self) -> dict:
         """``optimizer.lr_multipliers``; the question-only model has no image tower, image stream or cross-attention,
-        so its run drops the prefixes of those (``visual.``, ``image_``): one config serves the three runs."""
+        so its run drops the prefixes of those (starting with ``visual`` or ``image_``, or naming a text layer's
+        ``cross_attn`` or ``ln2``): one config serves the three runs."""
         multipliers = super().lr_multipliers()
         if self.cfg["vqa"]["question_only"]:
-            multipliers = {k: v for k, v in multipliers.items() if not k.startswith(IMAGE_SIDE)}
+            multipliers = {k: v for k, v in multipliers.items()
+                           if not k.startswith(IMAGE_SIDE) and not CROSS_PARTS.search(k)}  # fmt: skip
         return multipliers
 
     def no_weight_decay(self, model):
