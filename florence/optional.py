@@ -1,6 +1,6 @@
 """Optional packages: what needs each, how to install it, and one clear error where it is absent.
 
-florence_kernels needs torch, einops and numpy only. Five parts of florence need a package that the GPU machine we
+florence_kernels needs torch, einops and numpy only. Six parts of florence need a package that the GPU machine we
 target (torch 2.11, triton 3.6; see requirements-gpu-machine.txt) does not have:
 
 - ``open_clip``: CLIP's BPE tokenizer (``florence.Tokenizer``), hence curation (it counts BPE tokens to fit captions
@@ -13,6 +13,8 @@ target (torch 2.11, triton 3.6; see requirements-gpu-machine.txt) does not have:
   the PyTorch loader without it.
 - ``av`` (PyAV): ``florence.data.video`` (writing clips, decoding any codec FFmpeg reads, checking videos in
   curation) and the built-in ``moving_digits`` variant, which it encodes as VP9.
+- ``pyarrow`` and ``ray`` (Ray Data): Parquet input to curation, and curation's distributed engine
+  (``--engine ray``, ``florence.data.curate_ray``); the local engine and the other inputs need neither.
 - ``pycocotools``: COCO's detection evaluation (``florence.eval.coco_evaluate``, the detection task's AP); we use
   COCOeval itself rather than a reimplementation: its matching rules (crowd regions, area ranges, 101-point
   interpolation) are what every published COCO AP means.
@@ -37,6 +39,9 @@ PACKAGES = {
            "video files: PyAV's encoders (built-in clips) and decoders (any codec FFmpeg reads)"),
     "pycocotools": ("pycocotools.cocoeval", "pycocotools==2.0.11",
                     "COCO's detection evaluation (COCOeval: AP@[.5:.95], AP50, AP75, APs/m/l)"),
+    "pyarrow": ("pyarrow.parquet", "pyarrow==26.0.1", "Parquet input to curation (crawl metadata)"),
+    "ray": ("ray.data", "ray[data]==2.60.0 pyarrow==26.0.1 pandas==3.1.1",
+            "curation's distributed engine (python -m florence.data.curate --engine ray)"),
 }  # fmt: skip
 
 
@@ -47,7 +52,7 @@ class MissingOptionalDependency(ImportError):
 @functools.cache
 def missing(name: str) -> str | None:
     """None when the optional package ``name`` (a PACKAGES key: "open_clip", "deepspeed", "dali", "av",
-    "pycocotools") imports, else why it does not.
+    "pycocotools", "pyarrow", "ray") imports, else why it does not.
 
     Raises ValueError for an unknown name. The import is tried once per process (a broken install, e.g. DALI
     without its CUDA libraries, counts as missing, with its error in the reason).

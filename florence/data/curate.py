@@ -80,19 +80,63 @@ REMOVED_KEYS = ("bad_record", "empty_caption", "corrupt", "too_small", "duplicat
 # --- reading inputs -------------------------------------------------------------------------------------------------
 
 
-def read_inputs(paths: list[str]) -> list[dict]:
-    """Records {"image": absolute path, "captions": [raw texts], "source": "file:line"} or {"bad": reason, ...}."""
-    records = []
+class InputError(ValueError):
+    """An input that cannot be read at all (a missing path, an unreadable Parquet file, a Parquet file without an
+    ``image`` column): the message names the file and, where it applies, the column. Bad lines and rows inside a
+    readable file are counted instead (``bad_record``)."""
+
+
+PARQUET_EXTS = (".parquet", ".pq")
+
+
+def plan_inputs(paths: list[str], unit_rows: int | None = None) -> list[dict]:
+    """The read units of the inputs, in input order: each is a JSON-able dict that ``read_unit`` turns into its
+    records. ``unit_rows=None`` (the local engine): one unit per input. Otherwise units of about ``unit_rows``
+    records, so that parallel tasks each read and analyse a bounded part: JSONL by byte ranges of ``unit_rows``
+    lines (one streaming pass over the file counts them), folders by slices of their sorted listing, Parquet by row
+    groups (from the footer; a row group is the unit however many rows it has: img2dataset and LAION write tens of
+    thousands), CSV whole (a quoted field may span lines, so a CSV file cannot be split by lines).
+
+    Raises InputError for a path that is neither a file nor a folder, and for an unreadable Parquet file or one
+    without an ``image`` column of strings."""
+    units = []
     for path in paths:
         if os.path.isdir(path):
-            records += _read_folder(path)
-        elif path.lower().endswith(".csv"):
-            records += _read_csv(path)
+            n = len(_folder_images(path))
+            step = unit_rows or max(n, 1)
+            units += [{"kind": "folder", "path": path, "start": s, "stop": min(s + step, n)} for s in range(0, n, step)]
+        elif path.lower().endswith(PARQUET_EXTS) and os.path.isfile(path):
+            rows = _parquet_row_groups(path)
+            if unit_rows is None:
+                units.append({"kind": "parquet", "path": path, "groups": list(range(len(rows))), "first": 1})
+            else:
+                units += [{"kind": "parquet", "path": path, "groups": [g], "first": 1 + sum(rows[:g])}
+                          for g in range(len(rows))]  # fmt: skip
+        elif path.lower().endswith(".csv") and os.path.isfile(path):
+            units.append({"kind": "csv", "path": path})
         elif os.path.isfile(path):
-            records += _read_jsonl(path)
+            units += _plan_jsonl(path, unit_rows)
         else:
-            raise FileNotFoundError(f"--input: {path} is neither a file nor a folder")
-    return records
+            raise InputError(f"--input: {path} is neither a file nor a folder")
+    return units
+
+
+def read_unit(unit: dict) -> list[dict]:
+    """The records of one read unit (``plan_inputs``): {"image": absolute path, "captions": [raw texts], "source":
+    "file:line"} or {"bad": reason, "source": ...}."""
+    kind = unit["kind"]
+    if kind == "jsonl":
+        return _read_jsonl(unit["path"], unit["start"], unit["stop"], unit["first"])
+    if kind == "csv":
+        return _read_csv(unit["path"])
+    if kind == "folder":
+        return _read_folder(unit["path"], unit["start"], unit["stop"])
+    return _read_parquet(unit["path"], unit["groups"], unit["first"])
+
+
+def read_inputs(paths: list[str]) -> list[dict]:
+    """Every record of the inputs, in order (the local engine's reading: ``read_unit`` over ``plan_inputs``)."""
+    return [r for u in plan_inputs(paths) for r in read_unit(u)]
 
 
 def path_text(path: str) -> str:
@@ -118,11 +162,36 @@ def _resolve(base: str, image) -> str | None:
     return image if os.path.isabs(image) else os.path.normpath(os.path.join(base, image))
 
 
-def _read_jsonl(path):
+def _plan_jsonl(path: str, unit_rows: int | None) -> list[dict]:
+    """JSONL units: byte ranges of ``unit_rows`` lines (lines end at b"\\n"; blank lines count) and their first
+    line numbers."""
+    if unit_rows is None:
+        return [{"kind": "jsonl", "path": path, "start": 0, "stop": None, "first": 1}]
+    units, start, first, n, pos = [], 0, 1, 0, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if n == unit_rows:
+                units.append({"kind": "jsonl", "path": path, "start": start, "stop": pos, "first": first})
+                start, first, n = pos, first + n, 0
+            n += 1
+            pos += len(raw)
+    units.append({"kind": "jsonl", "path": path, "start": start, "stop": None, "first": first})
+    return units
+
+
+def _read_jsonl(path, start=0, stop=None, first=1):
+    """Lines from byte ``start`` up to byte ``stop`` (None: the end), numbered from ``first``; each line's bytes
+    decoded as UTF-8 (invalid bytes replaced)."""
     base = os.path.dirname(os.path.abspath(path))
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        for n, raw in enumerate(f, first):
+            if stop is not None and pos >= stop:
+                break
+            pos += len(raw)
+            line = raw.decode("utf-8", "replace")
             if not line.strip():
                 continue
             src = f"{path_text(os.path.basename(path))}:{n}"
@@ -157,17 +226,78 @@ def _read_csv(path):
     return out
 
 
-def _read_folder(path):
+def _folder_images(path) -> list[str]:
+    return [n for n in sorted(os.listdir(path), key=os.fsencode) if n.lower().endswith(IMAGE_EXTS)]  # byte order
+
+
+def _read_folder(path, start=0, stop=None):
     out = []
-    for name in sorted(os.listdir(path), key=os.fsencode):  # byte order: the same under every locale
-        if not name.lower().endswith(IMAGE_EXTS):
-            continue
+    for name in _folder_images(path)[start:stop]:
         txt = os.path.join(path, os.path.splitext(name)[0] + ".txt")
         caps = []
         if os.path.isfile(txt):
             with open(txt, encoding="utf-8", errors="replace") as f:
                 caps = [line for line in f.read().splitlines() if line.strip()]
         out.append({"image": os.path.join(os.path.abspath(path), name), "captions": caps, "source": path_text(name)})
+    return out
+
+
+def _parquet_file(path):
+    from florence.optional import require
+
+    pq = require("pyarrow", f"--input {path_text(path)} (Parquet input)")
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError...
+        raise InputError(f"--input {path_text(path)}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+
+
+def _parquet_caption_columns(path, schema) -> list[str]:
+    """The caption columns of a Parquet schema (names starting with "caption", as in CSV: ``caption``,
+    ``captions``, ``caption_2``...); InputError when there is no ``image`` column of strings."""
+    import pyarrow as pa
+
+    names = schema.names
+    if "image" not in names:
+        raise InputError(f"--input {path_text(path)}: no 'image' column (columns: {', '.join(names) or 'none'}); "
+                         "expected 'image' (image paths, relative to the file's folder) and caption columns "
+                         "('caption', 'captions' (a list), 'caption_*')")  # fmt: skip
+    kind = schema.field("image").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise InputError(f"--input {path_text(path)}: column 'image' has type {kind}; expected strings (image paths)")
+    return [c for c in names if c.lower().startswith("caption")]
+
+
+def _parquet_row_groups(path) -> list[int]:
+    """The row counts of a Parquet file's row groups (its footer only), after checking its columns."""
+    pf = _parquet_file(path)
+    _parquet_caption_columns(path, pf.schema_arrow)
+    return [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+
+
+def _read_parquet(path, groups, first):
+    """Rows of the given row groups, numbered from ``first`` (the file's first row is 1): ``image`` a path (null or
+    empty: a bad record), each caption column a string or a list of strings (nulls skipped)."""
+    pf = _parquet_file(path)
+    cols = _parquet_caption_columns(path, pf.schema_arrow)
+    base = os.path.dirname(os.path.abspath(path))
+    name = path_text(os.path.basename(path))
+    table = pf.read_row_groups(groups, columns=["image", *cols]) if groups else None
+    out = []
+    if table is None:
+        return out
+    data = {c: table.column(c).to_pylist() for c in ["image", *cols]}
+    for n in range(table.num_rows):
+        src = f"{name}:{first + n}"
+        image = _resolve(base, data["image"][n])
+        if image is None:
+            out.append({"bad": "no image path", "source": src})
+            continue
+        caps = []
+        for c in cols:
+            v = data[c][n]
+            caps += [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str) and x]
+        out.append({"image": image, "captions": caps, "source": src})
     return out
 
 
@@ -433,60 +563,102 @@ def analyse_all(records, work_dir, workers, quiet) -> list[dict | None]:
     return results
 
 
+def prepare_captions(rec: dict) -> tuple[list[str], int]:
+    """(the record's captions normalised, empty ones dropped, repeats dropped in order; how many were empty)."""
+    caps = [normalise_caption(c) for c in rec.get("captions", ())]
+    return list(dict.fromkeys(c for c in caps if c)), sum(1 for c in caps if not c)
+
+
+def precheck(bad: str | None, kept_caps: list[str], a: dict | None, min_size: int) -> tuple[str, str | None]:
+    """The filters that look at one record alone, in order (steps 1-4 of the module docstring): ("bad_record",
+    reason), ("empty_caption", None), ("corrupt", reason), ("too_small", None), or ("candidate", None) for a record
+    that goes on to deduplication."""
+    if bad is not None:
+        return "bad_record", bad
+    if not kept_caps:
+        return "empty_caption", None
+    if a is None or not a["ok"]:
+        return "corrupt", a["reason"] if a else "not analysed"
+    if min(a["w"], a["h"]) < min_size:
+        return "too_small", None
+    return "candidate", None
+
+
+class Deduplicator:
+    """Steps 5 and 6 over candidates taken in input order: ``check(sha, phash)`` is "duplicate" when an image kept
+    before has the same SHA-256, "near_duplicate" when one is within ``threshold`` dHash bits (-1: off), else None
+    and the image is kept (only kept images are compared with). Both engines resolve duplicates with it: the local
+    one over all candidates, the Ray one over each connected component of the candidates' near pairs in input order
+    (a candidate's verdict depends only on kept images within the threshold, all in its component, so the two give
+    the same verdicts)."""
+
+    def __init__(self, threshold: int):
+        self.seen: set[str] = set()
+        self.near = NearDuplicateIndex(threshold) if threshold >= 0 else None
+        self.kept = 0
+
+    def check(self, sha: str, phash: int) -> str | None:
+        if sha in self.seen:
+            return "duplicate"
+        if self.near is not None and self.near.find(phash) is not None:
+            return "near_duplicate"
+        self.seen.add(sha)
+        if self.near is not None:
+            self.near.add(phash, self.kept)
+        self.kept += 1
+        return None
+
+
+def caption_texts(idx: int, kept_caps: list[str], args, count_tokens) -> list[tuple[str, str, str, bool, bool]]:
+    """The stored captions of sample ``idx``: (text, label key, label text, augmented, cut) per kept caption. A
+    caption is cut to --max-tokens; one of at most --short-words words goes into a prompt picked by (seed, idx,
+    key), cut further if the prompt needs it, and keeps the label of its bare text."""
+    out = []
+    for c in kept_caps:
+        c, cut = fit_tokens(c, args.max_tokens, count_tokens)
+        key = label_key(c)
+        text, augmented = c, False
+        if len(c.split(" ")) <= args.short_words:
+            pick = int(hashlib.md5(f"{args.seed}:{idx}:{key}".encode()).hexdigest(), 16) % len(PROMPTS)
+            bare = c.rstrip(" .!?")
+            # a caption near the limit goes into its prompt cut further, so that the prompt fits too
+            inner, inner_cut = fit_tokens(bare, args.max_tokens, count_tokens, wrap=PROMPTS[pick].format)
+            if (inner or not bare) and count_tokens(PROMPTS[pick].format(inner)) <= args.max_tokens:
+                text, augmented, cut = PROMPTS[pick].format(inner), True, cut or inner_cut
+        out.append((text, key, c, augmented, cut))
+    return out
+
+
 def select(records, analysis, args, count_tokens) -> tuple[list[dict], dict]:
     """Filters, deduplication, caption normalisation, labels and augmentation, in input order (deterministic)."""
     removed = Counter({k: 0 for k in REMOVED_KEYS})
     corrupt_reasons, bad_reasons = Counter(), Counter()
-    seen_sha: dict[str, int] = {}
-    near = NearDuplicateIndex(args.near_dup_threshold) if args.near_dup_threshold >= 0 else None
+    dedup = Deduplicator(args.near_dup_threshold)
     labels: dict[str, int] = {}
     label_text: list[str] = []
     samples = []
     empty_dropped = truncated = 0
     for i, rec in enumerate(records):
-        if "bad" in rec:
-            removed["bad_record"] += 1
-            bad_reasons[rec["bad"]] += 1
-            continue
-        caps = [normalise_caption(c) for c in rec["captions"]]
-        kept_caps = list(dict.fromkeys(c for c in caps if c))  # unique, in order
-        if not kept_caps:
-            removed["empty_caption"] += 1
-            continue
-        empty_dropped += sum(1 for c in caps if not c)
+        kept_caps, empty = prepare_captions(rec)
         a = analysis[i]
-        if a is None or not a["ok"]:
-            removed["corrupt"] += 1
-            corrupt_reasons[a["reason"] if a else "not analysed"] += 1
-            continue
-        if min(a["w"], a["h"]) < args.min_size:
-            removed["too_small"] += 1
-            continue
-        if a["sha"] in seen_sha:
-            removed["duplicate"] += 1
-            continue
-        if near is not None and near.find(a["phash"]) is not None:
-            removed["near_duplicate"] += 1
+        status, reason = precheck(rec.get("bad"), kept_caps, a, args.min_size)
+        if status == "candidate":
+            status = dedup.check(a["sha"], a["phash"]) or status
+        if status not in ("bad_record", "empty_caption"):
+            empty_dropped += empty
+        if status == "bad_record":
+            bad_reasons[reason] += 1
+        elif status == "corrupt":
+            corrupt_reasons[reason] += 1
+        if status != "candidate":
+            removed[status] += 1
             continue
         idx = len(samples)
-        seen_sha[a["sha"]] = idx
-        if near is not None:
-            near.add(a["phash"], idx)
         texts, labs, aug = [], [], []
-        for c in kept_caps:
-            c, cut = fit_tokens(c, args.max_tokens, count_tokens)
-            key = label_key(c)
+        for text, key, c, augmented, cut in caption_texts(idx, kept_caps, args, count_tokens):
             if key not in labels:
                 labels[key] = len(label_text)
                 label_text.append(c)
-            text, augmented = c, False
-            if len(c.split(" ")) <= args.short_words:
-                pick = int(hashlib.md5(f"{args.seed}:{idx}:{key}".encode()).hexdigest(), 16) % len(PROMPTS)
-                bare = c.rstrip(" .!?")
-                # a caption near the limit goes into its prompt cut further, so that the prompt fits too
-                inner, inner_cut = fit_tokens(bare, args.max_tokens, count_tokens, wrap=PROMPTS[pick].format)
-                if (inner or not bare) and count_tokens(PROMPTS[pick].format(inner)) <= args.max_tokens:
-                    text, augmented, cut = PROMPTS[pick].format(inner), True, cut or inner_cut
             texts.append(text)
             aug.append(augmented)
             labs.append(labels[key])
@@ -575,25 +747,28 @@ def _shard_done(out_dir, shard_idx, samples) -> bool:
     return names == [n for s in samples for n in (f"{s['key']}.jpg", f"{s['key']}.json")]
 
 
-def curate(args) -> dict:
-    from florence.optional import require
-    from florence.tokenizer import get_tokenizer
-
-    require("open_clip", "florence.data.curate (it counts CLIP BPE tokens to fit captions into the text context)")
-    t0 = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    for name in os.listdir(args.out):  # temporary files of a killed run (atomic_write's): never outputs
+def _clean_temporary(folder: str) -> None:
+    """Remove the temporary files of a killed run (atomic_write's ``.tmp-*``): never outputs."""
+    for name in os.listdir(folder):
         if name.startswith(".tmp-"):
-            os.unlink(os.path.join(args.out, name))
+            os.unlink(os.path.join(folder, name))
+
+
+def shard_result(out_dir: str, k: int, samples: int, pairs: int) -> dict:
+    """The manifest entry of shard ``k`` written by an earlier (killed) run, described from disk (its DALI index
+    written when missing)."""
+    path = os.path.join(out_dir, f"shard-{k:05d}.tar")
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    if not os.path.exists(os.path.splitext(path)[0] + ".idx"):
+        write_dali_index(path)
+    return {"path": os.path.basename(path), "samples": samples, "pairs": pairs, "sha256": sha}
+
+
+def _curate_local(args, count_tokens) -> dict:
+    """The local engine: every step in this process, decoding and hashing and shard writing in a process pool."""
     records = read_inputs(args.input)
-    quiet = args.quiet
-    analysis = analyse_all(records, os.path.join(args.out, ".work"), args.workers, quiet)
-    tok = get_tokenizer()
-
-    @functools.cache  # captions repeat (shared texts): each is tokenised once per run
-    def count_tokens(text):
-        return len(tok.encode(text))
-
+    analysis = analyse_all(records, os.path.join(args.out, ".work"), args.workers, args.quiet)
     samples, info = select(records, analysis, args, count_tokens)
     shards = [samples[i : i + args.shard_size] for i in range(0, len(samples), args.shard_size)]
     delay = float(os.environ.get("FLORENCE_CURATE_SHARD_DELAY", "0"))
@@ -601,36 +776,63 @@ def curate(args) -> dict:
     done = {k: None for k in range(len(shards))}
     if jobs:
         with mp.Pool(min(args.workers, len(jobs))) as pool:
-            for res in _progress(pool.imap(write_shard, jobs), len(jobs), "shards", quiet, "shard"):
+            for res in _progress(pool.imap(write_shard, jobs), len(jobs), "shards", args.quiet, "shard"):
                 done[int(res["path"][6:11])] = res
-    manifest_shards = []
-    for k, s in enumerate(shards):  # shards written by an earlier, killed run: describe them from disk
-        res = done[k]
-        if res is None:
-            path = os.path.join(args.out, f"shard-{k:05d}.tar")
-            with open(path, "rb") as f:
-                sha = hashlib.sha256(f.read()).hexdigest()
-            if not os.path.exists(os.path.splitext(path)[0] + ".idx"):
-                write_dali_index(path)
-            res = {"path": os.path.basename(path), "samples": len(s), "pairs": sum(len(x["captions"]) for x in s),
-                   "sha256": sha}  # fmt: skip
-        manifest_shards.append(res)
-    stats = statistics(records, samples, info, count_tokens)
+    manifest_shards = [done[k] or shard_result(args.out, k, len(s), sum(len(x["captions"]) for x in s))
+                       for k, s in enumerate(shards)]  # fmt: skip
+    pairs = [(lab, text) for s in samples for lab, text in zip(s["labels"], s["captions"], strict=True)]
+    per_label = Counter(lab for lab, _ in pairs)
+    lengths = Counter(count_tokens(t) for _, t in pairs)
+    stats = make_stats(inputs=len(records), images=len(samples), pairs=len(pairs), unique_texts=len(info["label_text"]),
+                       tokens=sum(n * c for n, c in lengths.items()),
+                       sharing=sum(n for n in per_label.values() if n > 1),
+                       augmented=sum(sum(s["augmented"]) for s in samples), info=info)  # fmt: skip
     _atomic_json(os.path.join(args.out, "labels.json"), info["label_text"])
+    return {"shards": manifest_shards, "stats": stats, "lengths": lengths, "positives": Counter(per_label.values())}
+
+
+# arguments that choose how a run executes, not what it writes: left out of the manifest, so that the outputs do
+# not depend on the engine or the number of workers
+EXECUTION_ARGS = ("quiet", "workers", "engine", "ray_address", "num_workers", "unit_rows")
+
+
+def curate(args) -> dict:
+    """Run the pipeline with ``args.engine`` ("local", the default, or "ray": ``florence.data.curate_ray``); both
+    write the same bytes. Returns the statistics (stats.json's) plus "seconds"."""
+    from florence.optional import require
+    from florence.tokenizer import get_tokenizer
+
+    require("open_clip", "florence.data.curate (it counts CLIP BPE tokens to fit captions into the text context)")
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    _clean_temporary(args.out)
+    if getattr(args, "engine", "local") == "ray":
+        from florence.data.curate_ray import curate_ray
+
+        res = curate_ray(args)
+    else:
+        tok = get_tokenizer()
+
+        @functools.cache  # captions repeat (shared texts): each is tokenised once per run
+        def count_tokens(text):
+            return len(tok.encode(text))
+
+        res = _curate_local(args, count_tokens)
+    stats = res["stats"]
     manifest = {
         "format": "webdataset",
         "components": {"jpg": "image (JPEG)", "json": "key, captions, labels, augmented, source"},
         "index_format": "DALI wds2idx v1.2 (.idx beside each shard)",
-        "shards": manifest_shards,
-        "samples": len(samples),
+        "shards": res["shards"],
+        "samples": stats["images"],
         "pairs": stats["pairs"],
-        "labels": len(info["label_text"]),
-        "args": {k: _arg_text(k, v) for k, v in vars(args).items() if k != "quiet"},
+        "labels": stats["unique_texts"],
+        "args": {k: _arg_text(k, v) for k, v in vars(args).items() if k not in EXECUTION_ARGS},
     }
     _atomic_json(os.path.join(args.out, "manifest.json"), manifest)
     _atomic_json(os.path.join(args.out, "stats.json"), stats)
     atomic_write_bytes(os.path.join(args.out, "summary.txt"), summary_text(stats).encode())
-    plot_stats(samples, count_tokens, args.out)
+    plot_stats(res["lengths"], res["positives"], args.out)
     stats["seconds"] = round(time.time() - t0, 2)
     return stats
 
@@ -641,17 +843,17 @@ def _arg_text(name, value):
     return path_text(value) if name == "out" else value
 
 
-def statistics(records, samples, info, count_tokens) -> dict:
-    pairs = [(lab, text) for s in samples for lab, text in zip(s["labels"], s["captions"], strict=True)]
-    per_label = Counter(lab for lab, _ in pairs)
+def make_stats(*, inputs, images, pairs, unique_texts, tokens, sharing, augmented, info) -> dict:
+    """stats.json's content (both engines): counts of inputs, images, pairs, unique texts, BPE tokens of the stored
+    captions, pairs whose text has other pairs (UniCL positives), prompt-augmented pairs, and ``info``'s removals."""
     return {
-        "inputs": len(records),
-        "images": len(samples),
-        "pairs": len(pairs),
-        "unique_texts": len(info["label_text"]),
-        "tokens": sum(count_tokens(t) for _, t in pairs),
-        "pairs_sharing_a_text": sum(n for n in per_label.values() if n > 1),
-        "augmented_pairs": sum(sum(s["augmented"]) for s in samples),
+        "inputs": inputs,
+        "images": images,
+        "pairs": pairs,
+        "unique_texts": unique_texts,
+        "tokens": tokens,
+        "pairs_sharing_a_text": sharing,
+        "augmented_pairs": augmented,
         "removed": info["removed"],
         "corrupt_reasons": info["corrupt_reasons"],
         "bad_record_reasons": info["bad_record_reasons"],
@@ -679,19 +881,22 @@ def summary_text(st: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_stats(samples, count_tokens, out_dir) -> None:
+def plot_stats(lengths: Counter, positives: Counter, out_dir: str) -> None:
+    """caption_lengths.png (a histogram of the stored captions' BPE lengths; ``lengths``: length -> captions) and
+    positives_per_label.png (of the pairs per label; ``positives``: pairs -> labels), from counts, so that both
+    engines draw them without holding one value per pair."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = [count_tokens(t) for s in samples for t in s["captions"]]
-    per_label = Counter(lab for s in samples for lab in s["labels"])
-    for name, values, xlabel in (("caption_lengths.png", lengths, "caption length (CLIP BPE tokens)"),
-                                 ("positives_per_label.png", list(per_label.values()), "pairs per label (UniCL "
-                                  "positives)")):  # fmt: skip
+    plots = (("caption_lengths.png", lengths, "caption length (CLIP BPE tokens)"),
+             ("positives_per_label.png", positives, "pairs per label (UniCL positives)"))  # fmt: skip
+    for name, counts, xlabel in plots:
+        values = sorted(counts) or [0]
+        weights = [counts[v] for v in values] if counts else [1]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.hist(values or [0], bins=min(50, max(len(set(values)), 1)))
+        ax.hist(values, bins=min(50, len(values)), weights=weights)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("count")
         fig.tight_layout()
@@ -708,20 +913,31 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--short-words", type=int, default=3, help="captions of at most this many words get a prompt")
     p.add_argument("--max-tokens", type=int, default=75, help="BPE tokens a caption may keep (77 minus start/end)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local engine: processes (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (one machine, the default) or ray (Ray Data: a local Ray, or --ray-address's cluster)")
+    p.add_argument("--ray-address", default=None,
+                   help="ray engine: the cluster to join (ray://host:10001 or host:6379; default: start a local Ray)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="ray engine: tasks run at once per stage (default: the cluster's CPUs)")
+    p.add_argument("--unit-rows", type=int, default=10000,
+                   help="ray engine: records per read-and-analyse task (JSONL lines, folder files; Parquet: a row "
+                        "group; CSV: a file)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for name in ("shard_size", "workers", "max_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("shard_size", "workers", "max_tokens", "num_workers", "unit_rows"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
     if not 0 <= args.near_dup_threshold < 64 and args.near_dup_threshold != -1:
         p.error(f"--near-dup-threshold: expected -1 (off) or 0..63, got {args.near_dup_threshold}")
+    if args.engine == "local" and (args.ray_address is not None or args.num_workers is not None):
+        p.error("--ray-address and --num-workers belong to --engine ray (the local engine takes --workers)")
     from florence.optional import MissingOptionalDependency
 
     try:
         stats = curate(args)
-    except MissingOptionalDependency as e:
+    except (MissingOptionalDependency, InputError) as e:
         print(f"florence.data.curate: {e}", file=sys.stderr)
         return 2
     if not args.quiet:
