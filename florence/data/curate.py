@@ -915,15 +915,30 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=75, help="BPE tokens a caption may keep (77 minus start/end)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local engine: processes (default: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local (one machine, the default) or ray (Ray Data: a local Ray, or --ray-address's cluster)")
-    p.add_argument("--ray-address", default=None,
-                   help="ray engine: the cluster to join (ray://host:10001 or host:6379; default: start a local Ray)")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="ray engine: tasks run at once per stage (default: the cluster's CPUs)")
-    p.add_argument("--unit-rows", type=int, default=10000,
-                   help="ray engine: records per read-and-analyse task (JSONL lines, folder files; Parquet: a row "
-                        "group; CSV: a file)")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local (one machine, the default) or ray (Ray Data: a local Ray, or --ray-address's cluster)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="ray engine: the cluster to join (ray://host:10001 or host:6379; default: start a local Ray)",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="ray engine: tasks run at once per stage (default: the cluster's CPUs)",
+    )
+    p.add_argument(
+        "--unit-rows",
+        type=int,
+        default=10000,
+        help="ray engine: records per read-and-analyse task (JSONL lines, folder files; Parquet: a row "
+        "group; CSV: a file)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     for name in ("shard_size", "workers", "max_tokens", "num_workers", "unit_rows"):
