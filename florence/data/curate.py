@@ -1,13 +1,21 @@
-"""FLD-style curation of image-text pairs with UniCL labels (../shared/SPEC.md section 1), at one-machine scale.
+"""FLD-style curation of image-text pairs with UniCL labels (../shared/SPEC.md section 1), on one machine (the
+local engine, the default) or on Ray Data (``--engine ray``: ``florence.data.curate_ray``, the same bytes).
 
-    python -m florence.data.curate --input FILE.jsonl [FILE.csv FOLDER ...] --out DIR [--min-size 32]
+    python -m florence.data.curate --input FILE.jsonl [FILE.csv FILE.parquet FOLDER ...] --out DIR [--min-size 32]
         [--near-dup-threshold 4] [--shard-size 1000] [--short-words 3] [--max-tokens 75] [--workers N] [--seed 0]
+        [--engine local|ray] [--ray-address ADDR] [--num-workers N] [--unit-rows 10000]
 
 Inputs (several may be given; relative image paths resolve against the file's folder):
 - JSONL: one object per line, {"image": path, "caption": text} or {"image": path, "captions": [texts]};
 - CSV with a header: an ``image`` column, a ``caption`` column, and optional further caption columns
   (any column whose name starts with ``caption``);
-- a folder: every image file with a same-named ``.txt`` beside it (one caption per line).
+- a folder: every image file with a same-named ``.txt`` beside it (one caption per line);
+- Parquet (``.parquet``, ``.pq``; crawl metadata as img2dataset and LAION write it; needs pyarrow): an ``image``
+  column of strings (paths; null or empty: a bad record) and caption columns as in CSV, each a string or a list of
+  strings (nulls skipped). Lines are numbered in ``source`` from 1 for Parquet rows, JSONL lines end at "\n" only.
+An input that cannot be read at all (a missing path, a file that is not Parquet, a Parquet file without an
+``image`` column of strings, a CSV field over the csv module's size limit) stops the run before any work with
+``InputError`` naming the file and the column or line (exit 2).
 
 Steps, in order, each counted (``removed`` counts input records, so inputs = images + sum(removed)):
 1. bad_record: a line or row that cannot be read (invalid JSON, no image field);
@@ -39,10 +47,11 @@ DALI is installed), ``manifest.json`` (shards with sample and pair counts and SH
 text), ``stats.json`` and ``summary.txt`` (the paper-style report), ``caption_lengths.png`` and
 ``positives_per_label.png``.
 
-Robust and resumable: bad input is counted, never fatal; every file is written under a temporary name and renamed;
-image analysis results are cached (DIR/.work/analysis.jsonl, one line per record, flushed) and shards are written
-whole, so a killed run started again with the same arguments redoes only the missing work and produces the same
-bytes. Decoding and hashing use every core (--workers, default all); a progress bar shows each phase.
+Robust and resumable: bad lines and rows are counted, never fatal; every file is written under a temporary name
+and renamed; image analysis results are cached (DIR/.work/analysis.jsonl, one line per record, flushed) and shards
+are written whole (a shard on disk is kept only when its members and every sample's JSON are the ones due), so a
+killed run started again with the same arguments redoes only the missing work and produces the same bytes.
+Decoding and hashing use every core (--workers, default all); a progress bar shows each phase.
 
 The outputs do not depend on the locale: text files are read and written as UTF-8; file names are written (in
 ``source`` and the manifest's arguments) as their bytes decoded as UTF-8, bytes that are not UTF-8 as ``\\xNN``
@@ -56,6 +65,7 @@ import csv
 import functools
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -86,6 +96,10 @@ class InputError(ValueError):
     readable file are counted instead (``bad_record``)."""
 
 
+class ClusterError(RuntimeError):
+    """--ray-address names a Ray cluster this process cannot join (the message says why and what to set)."""
+
+
 PARQUET_EXTS = (".parquet", ".pq")
 
 
@@ -106,12 +120,7 @@ def plan_inputs(paths: list[str], unit_rows: int | None = None) -> list[dict]:
             step = unit_rows or max(n, 1)
             units += [{"kind": "folder", "path": path, "start": s, "stop": min(s + step, n)} for s in range(0, n, step)]
         elif path.lower().endswith(PARQUET_EXTS) and os.path.isfile(path):
-            rows = _parquet_row_groups(path)
-            if unit_rows is None:
-                units.append({"kind": "parquet", "path": path, "groups": list(range(len(rows))), "first": 1})
-            else:
-                units += [{"kind": "parquet", "path": path, "groups": [g], "first": 1 + sum(rows[:g])}
-                          for g in range(len(rows))]  # fmt: skip
+            units += _plan_parquet(path, unit_rows)
         elif path.lower().endswith(".csv") and os.path.isfile(path):
             units.append({"kind": "csv", "path": path})
         elif os.path.isfile(path):
@@ -200,6 +209,9 @@ def _read_jsonl(path, start=0, stop=None, first=1):
             except json.JSONDecodeError as e:
                 out.append({"bad": f"invalid JSON ({e.msg})", "source": src})
                 continue
+            except RecursionError:  # a line of thousands of nested brackets
+                out.append({"bad": "invalid JSON (nested too deeply)", "source": src})
+                continue
             image = _resolve(base, obj.get("image")) if isinstance(obj, dict) else None
             if image is None:
                 out.append({"bad": "no image path", "source": src})
@@ -215,14 +227,17 @@ def _read_csv(path):
     out = []
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         reader = csv.DictReader(f)
-        cols = [c for c in (reader.fieldnames or []) if c and c.lower().startswith("caption")]
-        for n, row in enumerate(reader, 2):
-            src = f"{path_text(os.path.basename(path))}:{n}"
-            image = _resolve(base, row.get("image"))
-            if image is None:
-                out.append({"bad": "no image path", "source": src})
-                continue
-            out.append({"image": image, "captions": [row[c] for c in cols if row.get(c)], "source": src})
+        try:
+            cols = [c for c in (reader.fieldnames or []) if c and c.lower().startswith("caption")]
+            for n, row in enumerate(reader, 2):
+                src = f"{path_text(os.path.basename(path))}:{n}"
+                image = _resolve(base, row.get("image"))
+                if image is None:
+                    out.append({"bad": "no image path", "source": src})
+                    continue
+                out.append({"image": image, "captions": [row[c] for c in cols if row.get(c)], "source": src})
+        except csv.Error as e:  # e.g. a field over csv's size limit: the rest of the file cannot be parsed
+            raise InputError(f"--input {path_text(path)}: CSV line {reader.line_num + 1}: {e}") from e
     return out
 
 
@@ -263,7 +278,8 @@ def _parquet_caption_columns(path, schema) -> list[str]:
                          "expected 'image' (image paths, relative to the file's folder) and caption columns "
                          "('caption', 'captions' (a list), 'caption_*')")  # fmt: skip
     kind = schema.field("image").type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    value = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' categoricals are dictionaries
+    if not (pa.types.is_string(value) or pa.types.is_large_string(value)):
         raise InputError(f"--input {path_text(path)}: column 'image' has type {kind}; expected strings (image paths)")
     return [c for c in names if c.lower().startswith("caption")]
 
@@ -275,6 +291,14 @@ def _parquet_row_groups(path) -> list[int]:
     return [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
 
 
+def _plan_parquet(path: str, unit_rows: int | None) -> list[dict]:
+    rows = _parquet_row_groups(path)
+    if unit_rows is None:
+        return [{"kind": "parquet", "path": path, "groups": list(range(len(rows))), "first": 1}]
+    starts = [0, *itertools.accumulate(rows)]
+    return [{"kind": "parquet", "path": path, "groups": [g], "first": 1 + starts[g]} for g in range(len(rows))]
+
+
 def _read_parquet(path, groups, first):
     """Rows of the given row groups, numbered from ``first`` (the file's first row is 1): ``image`` a path (null or
     empty: a bad record), each caption column a string or a list of strings (nulls skipped)."""
@@ -282,7 +306,10 @@ def _read_parquet(path, groups, first):
     cols = _parquet_caption_columns(path, pf.schema_arrow)
     base = os.path.dirname(os.path.abspath(path))
     name = path_text(os.path.basename(path))
-    table = pf.read_row_groups(groups, columns=["image", *cols]) if groups else None
+    try:
+        table = pf.read_row_groups(groups, columns=["image", *cols]) if groups else None
+    except Exception as e:  # a corrupt page behind a valid footer
+        raise InputError(f"--input {path_text(path)}: row groups {groups} unreadable ({type(e).__name__}: {e})") from e
     out = []
     if table is None:
         return out
@@ -296,7 +323,7 @@ def _read_parquet(path, groups, first):
         caps = []
         for c in cols:
             v = data[c][n]
-            caps += [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str) and x]
+            caps += [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str)]  # "" counted as empty
         out.append({"image": image, "captions": caps, "source": src})
     return out
 
@@ -697,9 +724,8 @@ def write_shard(job) -> dict:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT, encoding="utf-8") as tar:
         for s in samples:
-            meta = {k: s[k] for k in ("key", "captions", "labels", "augmented", "source")}
             _tar_member(tar, f"{s['key']}.jpg", _image_jpeg_bytes(s))
-            _tar_member(tar, f"{s['key']}.json", json.dumps(meta, sort_keys=True).encode())
+            _tar_member(tar, f"{s['key']}.json", _sample_meta(s))
     data = buf.getvalue()
     if delay:  # test hook (FLORENCE_CURATE_SHARD_DELAY): widen the window in which a kill lands mid-run
         time.sleep(delay)
@@ -735,16 +761,26 @@ def write_dali_index(tar_path: str) -> bool:
     return True
 
 
+def _sample_meta(s: dict) -> bytes:
+    return json.dumps({k: s[k] for k in ("key", "captions", "labels", "augmented", "source")}, sort_keys=True).encode()
+
+
 def _shard_done(out_dir, shard_idx, samples) -> bool:
+    """Whether shard ``shard_idx`` on disk (from an earlier, killed run) holds exactly ``samples``: the same members
+    and each sample's JSON byte for byte (captions, labels, flags: a run with another --seed or other inputs
+    writes the shard again)."""
     path = os.path.join(out_dir, f"shard-{shard_idx:05d}.tar")
     if not os.path.exists(path):
         return False
     try:
         with tarfile.open(path, encoding="utf-8") as tar:
-            names = [m.name for m in tar]
-    except (tarfile.TarError, OSError):
+            members = list(tar)
+            if [m.name for m in members] != [n for s in samples for n in (f"{s['key']}.jpg", f"{s['key']}.json")]:
+                return False
+            metas = [tar.extractfile(m).read() for m in members[1::2]]
+    except (tarfile.TarError, OSError, AttributeError):  # AttributeError: a member that is not a file
         return False
-    return names == [n for s in samples for n in (f"{s['key']}.jpg", f"{s['key']}.json")]
+    return metas == [_sample_meta(s) for s in samples]
 
 
 def _clean_temporary(folder: str) -> None:
@@ -906,7 +942,8 @@ def plot_stats(lengths: Counter, positives: Counter, out_dir: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="JSONL / CSV files and folders of images with .txt")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="JSONL / CSV / Parquet files and folders of images with .txt")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder (shards, manifest, stats, plots)")
     p.add_argument("--min-size", type=int, default=32, help="minimum shorter side in pixels (default 32)")
     p.add_argument("--near-dup-threshold", type=int, default=4, help="max dHash Hamming distance (-1: off)")
@@ -952,7 +989,7 @@ def main(argv=None) -> int:
 
     try:
         stats = curate(args)
-    except (MissingOptionalDependency, InputError) as e:
+    except (MissingOptionalDependency, InputError, ClusterError) as e:
         print(f"florence.data.curate: {e}", file=sys.stderr)
         return 2
     if not args.quiet:

@@ -73,7 +73,7 @@ def _tokenizer():
     return get_tokenizer()
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1 << 16)  # captions repeat; bounded in long-lived workers
 def _count_tokens(text: str) -> int:
     return len(_tokenizer().encode(text))
 
@@ -86,13 +86,26 @@ def _write_parquet(path: str, columns: dict, schema) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def _analysis_schema():
+# Text that may hold lone surrogates (file names that are not UTF-8, escaped JSON strings) never enters an Arrow
+# string column, which must be valid UTF-8: paths travel as their bytes (os.fsencode), captions and label keys as
+# their JSON text (ASCII, exact round trip).
+def _stage1_schema():
     import pyarrow as pa
 
-    return pa.schema([("order", pa.int64()), ("bad", pa.string()), ("image", pa.string()), ("source", pa.string()),
-                      ("caps", pa.list_(pa.string())), ("ncaps", pa.int32()), ("empty", pa.int32()),
-                      ("ok", pa.bool_()), ("reason", pa.string()), ("w", pa.int64()), ("h", pa.int64()),
-                      ("sha", pa.string()), ("phash", pa.uint64()), ("as_is", pa.bool_())])  # fmt: skip
+    return pa.schema([("order", pa.int64()), ("bad", pa.string()), ("image", pa.binary()), ("source", pa.string()),
+                      ("caps", pa.string()), ("ncaps", pa.int32()), ("empty", pa.int32()), ("ok", pa.bool_()),
+                      ("reason", pa.string()), ("w", pa.int64()), ("h", pa.int64()), ("sha", pa.string()),
+                      ("phash", pa.uint64()), ("as_is", pa.bool_())])  # fmt: skip
+
+
+ANALYSIS_FIELDS = ("ok", "reason", "w", "h", "sha", "phash", "as_is")
+
+
+def _cache_schema():
+    import pyarrow as pa
+
+    fields = [f for f in _stage1_schema() if f.name in ANALYSIS_FIELDS]
+    return pa.schema([("row", pa.int64()), ("image", pa.binary()), *fields])
 
 
 def _analysis(row: dict) -> dict | None:
@@ -105,40 +118,57 @@ def _analysis(row: dict) -> dict | None:
 
 
 def _analyse_unit(row: dict, *, work: str, min_size: int, kill: str | None) -> dict:
-    """Stage 1 for one unit: its analysis table (cached under a name that holds the unit's spec) and its counts."""
+    """Stage 1 for one unit: its records read again (so the table always holds the inputs as they are now), their
+    images analysed or taken from the unit's analysis cache where the cached row has the same image path (the
+    local engine's rule for its analysis.jsonl), the stage table written, and the unit's counts."""
     import pyarrow.parquet as pq
 
     k, spec = int(row["unit"]), row["spec"]
-    path = _analysis_path(work, k, spec)
-    if not os.path.exists(path):
-        if kill and int(kill.split(":", 1)[0]) == k:
-            marker = kill.split(":", 1)[1]
-            if not os.path.exists(marker):  # the first attempt dies; Ray runs the task again
-                open(marker, "w").close()
-                os._exit(1)
-        records = C.read_unit(json.loads(spec))
-        cols = {name: [] for name in _analysis_schema().names}
-        for r, rec in enumerate(records):
-            caps, empty = C.prepare_captions(rec)
-            # records without a caption are removed before their image matters: not decoded
-            a = C.analyse(rec["image"]) if "image" in rec and caps else None
-            values = {"order": k << ORDER_BITS | r, "bad": rec.get("bad"), "image": rec.get("image"),
-                      "source": rec["source"], "caps": caps, "ncaps": len(caps), "empty": empty}  # fmt: skip
-            values["ok"], values["reason"] = (None, None) if a is None else (a["ok"], a.get("reason"))
-            for f in ("w", "h", "sha", "phash"):
-                values[f] = a.get(f) if a else None
-            values["as_is"] = C.stored_as_is(a) if a and a["ok"] else None
-            for name, v in values.items():
-                cols[name].append(v)
-        _write_parquet(path, cols, _analysis_schema())
-    table = pq.read_table(path, columns=["bad", "ncaps", "ok", "reason", "w", "h"]).to_pylist()
-    candidates = sum(C.precheck(t["bad"], [""] * t["ncaps"], _analysis(t), min_size)[0] == "candidate" for t in table)
-    return {"unit": k, "rows": len(table), "candidates": candidates}
+    records = C.read_unit(json.loads(spec))
+    cache_path = os.path.join(work, f"cache-{k:06d}-{_digest(spec)}.parquet")
+    cached = {}
+    if os.path.exists(cache_path):
+        cached = {c["row"]: c for c in pq.read_table(cache_path).to_pylist()}
+    cols = {name: [] for name in _stage1_schema().names}
+    cache = {name: [] for name in _cache_schema().names}
+    fresh = False
+    for r, rec in enumerate(records):
+        caps, empty = C.prepare_captions(rec)
+        image = os.fsencode(rec["image"]) if "image" in rec else None
+        values = {"order": k << ORDER_BITS | r, "bad": rec.get("bad"), "image": image, "source": rec["source"],
+                  "caps": json.dumps(caps), "ncaps": len(caps), "empty": empty}  # fmt: skip
+        values |= dict.fromkeys(ANALYSIS_FIELDS)
+        if image is not None and caps:  # records without a caption are removed before their image matters
+            hit = cached.get(r)
+            if hit is not None and hit["image"] == image:
+                values |= {f: hit[f] for f in ANALYSIS_FIELDS}
+            else:
+                if kill and int(kill.split(":", 1)[0]) == k and not os.path.exists(kill.split(":", 1)[1]):
+                    open(kill.split(":", 1)[1], "w").close()  # the first attempt dies; Ray runs the task again
+                    os._exit(1)
+                a = C.analyse(rec["image"])
+                values |= {f: a.get(f) for f in ANALYSIS_FIELDS[:-1]}
+                values["as_is"] = C.stored_as_is(a) if a["ok"] else None
+                fresh = True
+            cache["row"].append(r)
+            for f in ("image", *ANALYSIS_FIELDS):
+                cache[f].append(values[f])
+        for name, v in values.items():
+            cols[name].append(v)
+    if fresh or not os.path.exists(cache_path):
+        _write_parquet(cache_path, cache, _cache_schema())
+    _write_parquet(_stage1_path(work, k), cols, _stage1_schema())
+    candidates = sum(C.precheck(cols["bad"][i], [""] * cols["ncaps"][i], _analysis({f: cols[f][i] for f in cols}),
+                                min_size)[0] == "candidate" for i in range(len(records)))  # fmt: skip
+    return {"unit": k, "rows": len(records), "candidates": candidates}
 
 
-def _analysis_path(work: str, k: int, spec: str) -> str:
-    digest = hashlib.sha256(f"{C.ANALYSIS_VERSION}:{spec}".encode()).hexdigest()[:16]
-    return os.path.join(work, f"analysis-{k:06d}-{digest}.parquet")
+def _digest(spec: str) -> str:
+    return hashlib.sha256(f"{C.ANALYSIS_VERSION}:{spec}".encode()).hexdigest()[:16]
+
+
+def _stage1_path(work: str, k: int) -> str:
+    return os.path.join(work, "stage1", f"unit-{k:06d}.parquet")
 
 
 def _buckets(batch, *, min_size: int, threshold: int):
@@ -166,20 +196,29 @@ PAIR_COLUMNS = ("a", "a_sha", "a_phash", "b", "b_sha", "b_phash")
 
 def _pairs(group, *, threshold: int):
     """Stage 2's reduce: the pairs of one bucket's members that are within the threshold, enough of them to connect
-    every such pair: copies of one dHash chained in input order, distinct hashes compared pairwise."""
+    every such pair: copies of one dHash chained in input order, distinct hashes compared pairwise (quadratic in
+    the distinct hashes of a bucket: see the README's costs). A pair found in several bands is emitted by the
+    lowest, so the driver receives each pair once."""
     import pyarrow as pa
 
     members = sorted((r["order"], r["sha"], r["phash"]) for r in group.to_pylist())
     by_hash: dict[int, list] = {}
     for m in members:
         by_hash.setdefault(m[2], []).append(m)
+    bands = C.NearDuplicateIndex(threshold).bands if threshold >= 0 else []
+    band = int(group.column("bucket")[0].as_py().split(":", 1)[0]) if bands else 0
+
+    def lowest_shared_band(x, y):  # a pair shared by several bands is emitted by the lowest only
+        return next(i for i, (s, m) in enumerate(bands) if (x >> s) & m == (y >> s) & m)
+
     pairs = []
     for copies in by_hash.values():
-        pairs += list(zip(copies, copies[1:], strict=False))
+        if not bands or band == 0:  # equal hashes share every band (and SHA buckets are one per hash)
+            pairs += list(zip(copies, copies[1:], strict=False))
     firsts = [copies[0] for copies in by_hash.values()]
     for i, a in enumerate(firsts):
         for b in firsts[i + 1 :]:
-            if threshold >= 0 and bin(a[2] ^ b[2]).count("1") <= threshold:
+            if bands and bin(a[2] ^ b[2]).count("1") <= threshold and lowest_shared_band(a[2], b[2]) == band:
                 pairs.append((a, b))
     out = {c: [] for c in PAIR_COLUMNS}
     for a, b in pairs:
@@ -231,13 +270,16 @@ def _select_unit(row: dict, *, work: str, removed_ref, first_index: dict, option
     removed = ray.get(removed_ref)
     args = types.SimpleNamespace(**options)
     k = int(row["unit"])
-    table = pq.read_table(_analysis_path(work, k, row["spec"])).to_pylist()
+    table = pq.read_table(_stage1_path(work, k)).to_pylist()
     tally = {"removed": Counter(), "corrupt": Counter(), "bad": Counter(), "empty": 0, "truncated": 0, "tokens": 0,
              "pairs": 0, "augmented": 0, "images": 0, "lengths": Counter()}  # fmt: skip
     samples = {"idx": [], "image": [], "as_is": [], "source": [], "captions": [], "augmented": []}
     captions = {"key": [], "pos": [], "text": []}
     idx = first_index[str(k)]
     for t in table:
+        t["caps"] = json.loads(t["caps"])
+        if len(t["caps"]) >= 1 << CAPTION_BITS:  # (never in practice: positions would collide)
+            raise ValueError(f"{t['source']}: {len(t['caps'])} captions; at most {(1 << CAPTION_BITS) - 1} per image")
         status, reason = C.precheck(t["bad"], t["caps"], _analysis(t), args.min_size)
         if status == "candidate":
             status = removed.get(t["order"], status)
@@ -252,9 +294,9 @@ def _select_unit(row: dict, *, work: str, removed_ref, first_index: dict, option
             continue
         texts = C.caption_texts(idx, t["caps"], args, _count_tokens)
         for j, (text, key, c, augmented, cut) in enumerate(texts):
-            captions["key"].append(key)
+            captions["key"].append(json.dumps(key))
             captions["pos"].append(idx << CAPTION_BITS | j)
-            captions["text"].append(c)
+            captions["text"].append(json.dumps(c))  # labels.json's own text for it
             n = _count_tokens(text)
             tally["tokens"] += n
             tally["lengths"][n] += 1
@@ -263,13 +305,13 @@ def _select_unit(row: dict, *, work: str, removed_ref, first_index: dict, option
         samples["idx"].append(idx)
         for f in ("image", "as_is", "source"):
             samples[f].append(t[f])
-        samples["captions"].append([x[0] for x in texts])
+        samples["captions"].append(json.dumps([x[0] for x in texts]))
         samples["augmented"].append([x[3] for x in texts])
         tally["pairs"] += len(texts)
         tally["images"] += 1
         idx += 1
-    sample_schema = pa.schema([("idx", pa.int64()), ("image", pa.string()), ("as_is", pa.bool_()),
-                               ("source", pa.string()), ("captions", pa.list_(pa.string())),
+    sample_schema = pa.schema([("idx", pa.int64()), ("image", pa.binary()), ("as_is", pa.bool_()),
+                               ("source", pa.string()), ("captions", pa.string()),
                                ("augmented", pa.list_(pa.bool_()))])  # fmt: skip
     caption_schema = pa.schema([("key", pa.string()), ("pos", pa.int64()), ("text", pa.string())])
     _write_parquet(os.path.join(work, "select", f"samples-{k:06d}.parquet"), samples, sample_schema)
@@ -333,11 +375,12 @@ def _write_shard_group(group: dict, *, work: str, out: str, units: list, shard_s
         if n and first < hi and lo < first + n:
             for s in pq.read_table(os.path.join(work, "select", f"samples-{unit:06d}.parquet")).to_pylist():
                 if lo <= s["idx"] < hi:
-                    labels = [ids[s["idx"] << CAPTION_BITS | j] for j in range(len(s["captions"]))]
-                    samples.append({"key": f"{s['idx']:09d}", "image": s["image"], "as_is": s["as_is"],
-                                    "captions": s["captions"], "labels": labels, "augmented": s["augmented"],
-                                    "source": s["source"]})  # fmt: skip
-    samples.sort(key=lambda s: s["key"])
+                    texts = json.loads(s["captions"])
+                    labels = [ids[s["idx"] << CAPTION_BITS | j] for j in range(len(texts))]
+                    samples.append({"idx": s["idx"], "key": f"{s['idx']:09d}", "image": os.fsdecode(s["image"]),
+                                    "as_is": s["as_is"], "captions": texts, "labels": labels,
+                                    "augmented": s["augmented"], "source": s["source"]})  # fmt: skip
+    samples.sort(key=lambda s: s["idx"])
     pairs = sum(len(s["captions"]) for s in samples)
     if C._shard_done(out, k, samples):
         res = C.shard_result(out, k, len(samples), pairs)
@@ -353,16 +396,18 @@ def _retries() -> dict:
     return {"max_retries": MAX_RETRIES}
 
 
-def _map(ds, fn, task: dict):
-    """``ds.map(fn)`` with at most MAX_RETRIES runs again of a task whose worker died. Ray Data's default is to
-    retry forever, so a file that crashed its decoder every time would hang the run; Ray 2.60 (pinned) sets the
-    limit only through ``ray_remote_args_fn``, deprecated for 2.64 without a replacement yet: its warning is
-    silenced here, and this is the one place to change when Ray is upgraded."""
+def _bounded(method, fn, **kwargs):
+    """``method(fn, **kwargs)`` (a Dataset's ``map`` / ``map_batches`` or a GroupedData's ``map_groups``) with at
+    most MAX_RETRIES runs again of a task whose worker died. Ray Data's default is to retry forever, so a file
+    that crashed its decoder every time would hang the run. Ray 2.60 (pinned) takes the limit as a remote argument
+    (``ray_remote_args_fn`` here), deprecated for 2.64 with no named replacement yet: its warning is silenced
+    here, the one place to change when Ray is upgraded. (Ray's own shuffle tasks for groupby and sort keep Ray's
+    default: they run no code of ours.)"""
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
-        return ds.map(fn, ray_remote_args_fn=_retries, **task)
+        return method(fn, ray_remote_args_fn=_retries, **kwargs)
 
 
 def _read_files(batch, *, columns=None):
@@ -378,7 +423,8 @@ def _read_files(batch, *, columns=None):
 def _parquet_dataset(data, files: list[str], columns=None):
     """A Ray dataset of the rows of ``files`` (one read task per file)."""
     paths = data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    return paths.map_batches(functools.partial(_read_files, columns=columns), batch_size=1, batch_format="pyarrow")
+    return _bounded(paths.map_batches, functools.partial(_read_files, columns=columns), batch_size=1,
+                    batch_format="pyarrow")  # fmt: skip
 
 
 # --- the driver -----------------------------------------------------------------------------------------------------
@@ -395,7 +441,14 @@ def _start_ray(args):
     common = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False,
               "configure_logging": True}  # fmt: skip
     if args.ray_address:
-        ray.init(address=args.ray_address, **common)
+        try:
+            ray.init(address=args.ray_address, **common)
+        except ConnectionError as e:
+            raise C.ClusterError(
+                f"--ray-address {args.ray_address}: cannot join the Ray cluster ({str(e).splitlines()[-1][:300]}). "
+                "A cluster started with token authentication (`ray start` prints 'Token authentication is "
+                "enabled') needs RAY_AUTH_MODE=token here and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+            ) from e
     else:
         ray.init(address="local", num_cpus=args.num_workers or os.cpu_count() or 1, **common)
     return ray, True
@@ -408,7 +461,8 @@ def curate_ray(args) -> dict:
 
     require("ray", "florence.data.curate --engine ray")
     require("pyarrow", "florence.data.curate --engine ray")
-    units = C.plan_inputs(args.input, args.unit_rows)
+    # absolute paths: tasks on a cluster run in the directory where `ray start` ran, not in the driver's
+    units = C.plan_inputs([os.path.abspath(p) for p in args.input], args.unit_rows)
     ray, started = _start_ray(args)
     try:
         return _run(ray, args, units)
@@ -427,8 +481,11 @@ def _run(ray, args, units) -> dict:
     ctx.shuffle_strategy = data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     logging.getLogger("ray.data").setLevel(logging.WARNING if not args.quiet else logging.ERROR)
     workers = args.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    work = os.path.join(args.out, ".work", "ray")
-    os.makedirs(work, exist_ok=True)
+    out = os.path.abspath(args.out)
+    work = os.path.join(out, ".work", "ray")
+    for stage in ("stage1", "select"):  # rewritten by every run (the inputs are read again)
+        shutil.rmtree(os.path.join(work, stage), ignore_errors=True)
+        os.makedirs(os.path.join(work, stage))
     C._clean_temporary(work)
     specs = [json.dumps(u, sort_keys=True) for u in units]
     items = [{"unit": k, "spec": s} for k, s in enumerate(specs)]
@@ -440,51 +497,41 @@ def _run(ray, args, units) -> dict:
     if items:
         ds = data.from_items(items, override_num_blocks=len(items))
         fn = functools.partial(_analyse_unit, work=work, min_size=args.min_size, kill=os.environ.get(KILL_ENV))
-        summaries = sorted(_map(ds, fn, task).take_all(), key=lambda r: r["unit"])
+        summaries = sorted(_bounded(ds.map, fn, **task).take_all(), key=lambda r: r["unit"])
     inputs = sum(s["rows"] for s in summaries)
-    files = [_analysis_path(work, k, s) for k, s in enumerate(specs)]
+    files = [_stage1_path(work, k) for k in range(len(specs))]
     # 2. duplicates: bucket pairs on the cluster, components on the driver (one row per near pair)
     removed: dict[int, str] = {}
     if sum(s["candidates"] for s in summaries):
         cols = ["order", "bad", "ncaps", "ok", "reason", "w", "h", "sha", "phash"]
-        buckets = _parquet_dataset(data, files, cols).map_batches(
-            functools.partial(_buckets, min_size=args.min_size, threshold=args.near_dup_threshold),
-            batch_format="pyarrow",
-        )
-        pairs = (
-            buckets.groupby("bucket", num_partitions=workers)
-            .map_groups(functools.partial(_pairs, threshold=args.near_dup_threshold), batch_format="pyarrow")
-            .take_all()
-        )
+        bucket = functools.partial(_buckets, min_size=args.min_size, threshold=args.near_dup_threshold)
+        buckets = _bounded(_parquet_dataset(data, files, cols).map_batches, bucket, batch_format="pyarrow")
+        pair = functools.partial(_pairs, threshold=args.near_dup_threshold)
+        grouped = buckets.groupby("bucket", num_partitions=workers)
+        pairs = _bounded(grouped.map_groups, pair, batch_format="pyarrow").take_all()
         removed = resolve_duplicates(pairs, args.near_dup_threshold)
     # 3. select: number the kept records (prefix sums of per-unit counts), cut and augment their captions
     gone = Counter(o >> ORDER_BITS for o in removed)
     kept = [s["candidates"] - gone[s["unit"]] for s in summaries]
     starts = np.concatenate([[0], np.cumsum(kept)]).astype(int).tolist() if kept else [0]
-    shutil.rmtree(os.path.join(work, "select"), ignore_errors=True)
-    os.makedirs(os.path.join(work, "select"))
     options = {k: getattr(args, k) for k in ("min_size", "max_tokens", "short_words", "seed")}
     tallies = []
     if items:
         fn = functools.partial(_select_unit, work=work, removed_ref=ray.put(removed), options=options,
                                first_index={str(k): starts[k] for k in range(len(items))})  # fmt: skip
-        tallies = sorted(_map(data.from_items(items, override_num_blocks=len(items)), fn, task).take_all(),
+        tallies = sorted(_bounded(data.from_items(items, override_num_blocks=len(items)).map, fn, **task).take_all(),
                          key=lambda r: r["unit"])  # fmt: skip
     info, totals = _merge_tallies(tallies)
     images = starts[-1]
     # 4. labels: first appearances, sorted; ids from per-block offsets; labels.json streamed
     manifest_shards, label_counts, unique = [], Counter(), 0
-    labels_path = os.path.join(args.out, "labels.json")
+    labels_path = os.path.join(out, "labels.json")
     if images:
         caps = _parquet_dataset(
             data, [os.path.join(work, "select", f"captions-{k:06d}.parquet") for k in range(len(items))]
         )
-        ordered = (
-            caps.groupby("key", num_partitions=workers)
-            .map_groups(_firsts, batch_format="pyarrow")
-            .sort("first")
-            .materialize()
-        )
+        grouped = caps.groupby("key", num_partitions=workers)
+        ordered = _bounded(grouped.map_groups, _firsts, batch_format="pyarrow").sort("first").materialize()
         refs = ordered.to_arrow_refs()
         summary = ray.remote(_block_summary)
         blocks = ray.get([summary.remote(r) for r in refs])
@@ -505,7 +552,7 @@ def _run(ray, args, units) -> dict:
                 n = 0
                 for ref in text_refs:  # one block's texts at a time
                     for text in ray.get(ref):
-                        f.write(("[\n " if n == 0 else ",\n ") + json.dumps(text))
+                        f.write(("[\n " if n == 0 else ",\n ") + text)  # already JSON (select's)
                         n += 1
                 f.write("\n]\n" if n else "[]\n")
 
@@ -514,14 +561,10 @@ def _run(ray, args, units) -> dict:
             label_counts.update(ray.get(ref))
         # 5. shards
         layout = [(k, starts[k], kept[k]) for k in range(len(items))]
-        fn = functools.partial(_write_shard_group, work=work, out=args.out, units=layout, shard_size=args.shard_size,
+        fn = functools.partial(_write_shard_group, work=work, out=out, units=layout, shard_size=args.shard_size,
                                delay=float(os.environ.get("FLORENCE_CURATE_SHARD_DELAY", "0")))  # fmt: skip
-        rows = (
-            data.from_arrow_refs(id_refs)
-            .groupby("shard", num_partitions=workers)
-            .map_groups(fn, batch_format="numpy")
-            .take_all()
-        )
+        grouped = data.from_arrow_refs(id_refs).groupby("shard", num_partitions=workers)
+        rows = _bounded(grouped.map_groups, fn, batch_format="numpy").take_all()
         manifest_shards = [json.loads(r["result"]) for r in sorted(rows, key=lambda r: int(r["shard"]))]
     else:
         C._atomic_json(labels_path, [])

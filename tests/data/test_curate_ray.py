@@ -32,8 +32,9 @@ def _write_parquet(path, columns, row_group_size=None):
 
 
 def build_mixed_inputs(root) -> list[str]:
-    """build_messy_dataset's JSONL, plus a CSV, a folder and a Parquet file of two row groups (a null image, a list
-    column of captions, a caption shared with the JSONL, a duplicate of a JSONL image): the inputs, in order."""
+    """build_messy_dataset's JSONL, plus a CSV, a folder (one file name not UTF-8) and a Parquet file of two row
+    groups (a null image, a list column of captions, a caption shared with the JSONL, a duplicate of a JSONL
+    image): the inputs, in order."""
     jsonl = build_messy_dataset(root)
     img = os.path.join(root, "img")
     for i in range(10, 16):
@@ -47,6 +48,10 @@ def build_mixed_inputs(root) -> list[str]:
     with open(os.path.join(folder, "f1.txt"), "w") as f:
         f.write("a folder caption\n\na green triangle\n")
     _noise_image(os.path.join(folder, "f2.png"), 22, fmt="PNG")  # no .txt: empty caption
+    latin1 = os.fsdecode(os.path.join(os.fsencode(folder), b"latin1_\xe9"))  # a name that is not UTF-8
+    _noise_image(latin1 + ".jpg", 23)
+    with open(latin1 + ".txt", "w") as f:
+        f.write("a file name in latin-1\n")
     parquet = os.path.join(root, "crawl.parquet")
     _write_parquet(parquet, {
         "image": ["img/good11.jpg", None, "img/good12.jpg", "img/good13.jpg", "img/good1.jpg", "img/good14.jpg"],
@@ -61,10 +66,11 @@ def _run(inputs, out, *extra) -> int:
                         *extra])  # fmt: skip
 
 
-def assert_same_outputs(a, b):
-    """Every output of two curation runs byte for byte (the manifest apart from its --out argument)."""
+def assert_same_outputs(a, b, paths_as_given=("out",)):
+    """Every output of two curation runs byte for byte (the manifest apart from its path arguments as given)."""
     ma, mb = json.load(open(os.path.join(a, "manifest.json"))), json.load(open(os.path.join(b, "manifest.json")))
-    ma["args"].pop("out"), mb["args"].pop("out")
+    for name in paths_as_given:
+        ma["args"].pop(name), mb["args"].pop(name)
     assert ma == mb
     names = [n for n in os.listdir(a) if n.startswith("shard-")]
     assert sorted(names) == sorted(n for n in os.listdir(b) if n.startswith("shard-"))
@@ -233,19 +239,31 @@ def _free_port() -> int:
 
 @requires("ray")
 def test_ray_engine_with_four_workers_on_a_cluster_address(mixed, tmp_path):
-    """A Ray cluster started apart (``ray start --head``, as on a cluster's head node) joined with --ray-address."""
+    """A Ray cluster started apart (``ray start --head``, as on a cluster's head node, in another directory) joined
+    with --ray-address, the inputs and the output given relative to the driver's directory."""
     inputs, root = mixed
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     port = _free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # token authentication on both sides (Ray 2.60's default for `ray start`): the driver reads the token `ray start`
+    # left in ~/.ray when Ray is imported, hence a process of its own
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    elsewhere = tmp_path / "elsewhere"  # the cluster's working directory is not the driver's
+    elsewhere.mkdir()
     subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)  # fmt: skip
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120,
+                   cwd=elsewhere)  # fmt: skip
+    relative = [os.path.relpath(p, tmp_path) for p in inputs]  # relative to the driver's directory only
+    cmd = [sys.executable, "-m", "florence.data.curate", "--input", *relative, "--out", "ray", "--min-size", "32",
+           "--shard-size", "3", "--quiet", "--engine", "ray", "--ray-address", f"127.0.0.1:{port}",
+           "--num-workers", "4", "--unit-rows", "2"]  # fmt: skip
     try:
-        assert _run(inputs, tmp_path / "ray", "--engine", "ray", "--ray-address", f"127.0.0.1:{port}",
-                    "--num-workers", "4", "--unit-rows", "2") == 0  # fmt: skip
+        proc = subprocess.run(cmd, cwd=tmp_path, env=dict(env, PYTHONPATH=ROOT),
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    assert_same_outputs(root / "local", tmp_path / "ray")
+    assert_same_outputs(root / "local", tmp_path / "ray", paths_as_given=("out", "input"))
+    assert not os.listdir(elsewhere)
 
 
 @requires("ray")
@@ -272,3 +290,44 @@ def test_killed_ray_run_restarts_to_the_same_bytes(mixed, tmp_path):
     assert subprocess.run(cmd, env=dict(env, FLORENCE_CURATE_SHARD_DELAY="0"), cwd=ROOT, timeout=600).returncode == 0
     assert {n: (out / n).stat().st_mtime_ns for n in written} == before  # finished shards are not written again
     assert_same_outputs(root / "local", out)
+
+
+@requires("ray")
+def test_a_ray_run_again_after_the_inputs_changed_reads_them_again(tmp_path):
+    """The same command into the same folder after a CSV caption was edited and a JSONL line appended: the result is
+    a fresh local run's on the new inputs (the analysis cache is reused only where a row's image path is the same,
+    shards are kept only where their JSON is the one due)."""
+    jsonl = build_messy_dataset(tmp_path)
+    _noise_image(str(tmp_path / "img" / "csv.jpg"), 31)
+    _noise_image(str(tmp_path / "img" / "appended.jpg"), 32)
+    with open(tmp_path / "pairs.csv", "w") as f:
+        f.write("image,caption\nimg/csv.jpg,first words\n")
+    inputs = [jsonl, str(tmp_path / "pairs.csv")]
+    assert _run(inputs, tmp_path / "ray", "--engine", "ray", "--num-workers", "2", "--unit-rows", "8") == 0
+    with open(tmp_path / "pairs.csv", "w") as f:
+        f.write("image,caption\nimg/csv.jpg,other words now\n")
+    with open(jsonl, "a") as f:
+        f.write(json.dumps({"image": "img/appended.jpg", "caption": "an appended line"}) + "\n")
+    assert _run(inputs, tmp_path / "ray", "--engine", "ray", "--num-workers", "2", "--unit-rows", "8") == 0
+    assert _run(inputs, tmp_path / "local") == 0
+    assert_same_outputs(tmp_path / "local", tmp_path / "ray")
+    labels = json.load(open(tmp_path / "ray" / "labels.json"))
+    assert "other words now" in labels and "an appended line" in labels and "first words" not in labels
+
+
+@requires("open_clip")
+def test_a_run_with_another_seed_into_the_same_folder_writes_its_own_shards(tmp_path):
+    jsonl = build_messy_dataset(tmp_path)
+    assert _run([jsonl], tmp_path / "out") == 0
+    assert _run([jsonl], tmp_path / "out", "--seed", "1") == 0
+    assert _run([jsonl], tmp_path / "fresh", "--seed", "1") == 0
+    assert_same_outputs(tmp_path / "fresh", tmp_path / "out")
+
+
+def test_jsonl_lines_nested_too_deeply_and_huge_csv_fields(tmp_path):
+    (tmp_path / "deep.jsonl").write_text("[" * 100000 + "\n" + json.dumps({"image": "a.jpg", "caption": "x"}) + "\n")
+    records = curate.read_inputs([str(tmp_path / "deep.jsonl")])
+    assert records[0] == {"bad": "invalid JSON (nested too deeply)", "source": "deep.jsonl:1"} and len(records) == 2
+    (tmp_path / "huge.csv").write_text("image,caption\na.jpg," + "x" * 200000 + "\n")
+    with pytest.raises(curate.InputError, match=r"huge.csv: CSV line 2: field larger than field limit"):
+        curate.read_inputs([str(tmp_path / "huge.csv")])
