@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     rows = run(args)
     print(", ".join(harness.save_all(rows, args.out, mod)), file=sys.stderr)
     print(harness.format_table(rows))
-    return 0 if rows and all(r["identical_to_local"] for r in rows) else 1
+    return 0 if rows and all(r.get("identical_to_local", True) for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_benchmarks_report_a_missing_package_as_skipped(without, tmp_path, capsy
     without("deepspeed")
     assert main(["--dry-run", "--out", str(tmp_path)]) == 0
     status = json.loads((tmp_path / "benchmarks_status.json").read_text())
-    assert set(status["skipped"]) == {"loader", "train"} and not status["failed"]
+    assert set(status["skipped"]) == {"loader", "train", "curate"} and not status["failed"]  # curate: open_clip too
     assert "deepspeed is not importable" in status["skipped"]["train"]
     assert {"window_attention", "contrastive_loss", "model", "dyhead"} <= set(status["ran"])
     assert "skipped loader: open_clip is not importable" in capsys.readouterr().out
@@ -122,3 +122,20 @@ def test_gpu_check_summary_names_skips_and_counts_failed_steps(tmp_path, capsys)
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["mode"] == "quick" and [s["exit"] for s in doc["steps"]] == [0, 0, 1, 124]
     assert doc["steps"][2]["junit"]["skip_reasons"] == {"optional package missing: open_clip": 1}
+
+
+@pytest.mark.skipif(optional.missing("open_clip") is not None, reason="curation needs open_clip")
+def test_curation_without_ray_or_pyarrow_names_the_install(without, tmp_path, capsys):
+    from florence.data import curate
+
+    (tmp_path / "p.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n')
+    (tmp_path / "p.parquet").write_bytes(b"PAR1")
+    without("ray")
+    argv = ["--input", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out"), "--quiet"]
+    assert curate.main([*argv, "--engine", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert "florence.data.curate --engine ray: ray.data is not importable" in err and "pip install ray[data]" in err
+    without("pyarrow")
+    argv = ["--input", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "out2"), "--quiet"]
+    assert curate.main(argv) == 2
+    assert "(Parquet input): pyarrow.parquet is not importable" in capsys.readouterr().err
