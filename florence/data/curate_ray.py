@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import types
 from collections import Counter
 
@@ -479,7 +480,7 @@ def _run(ray, args, units) -> dict:
     # Ray's pull-based sort shuffle for groupby and sort: measured here on the 20-record test set, 19 s a run
     # against 53 s with Ray 2.60's default (SHUFFLE_V2, whose aggregator actors cost seconds per job at any size)
     ctx.shuffle_strategy = data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    logging.getLogger("ray.data").setLevel(logging.WARNING if not args.quiet else logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO lines and CPU warnings: our own lines say more
     workers = args.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     out = os.path.abspath(args.out)
     work = os.path.join(out, ".work", "ray")
@@ -491,8 +492,10 @@ def _run(ray, args, units) -> dict:
     items = [{"unit": k, "spec": s} for k, s in enumerate(specs)]
     # a task whose worker dies is run again, at most MAX_RETRIES times (Ray Data's default is forever: a file that
     # crashes its decoder every time would hang the run)
-    task = {"num_cpus": 1, "concurrency": workers}
+    task = {"num_cpus": 1, "compute": data.TaskPoolStrategy(size=workers)}
+    progress = _Progress(args.quiet, len(units))
     # 1. read + analyse
+    progress.stage("read + decode + hash")
     summaries = []
     if items:
         ds = data.from_items(items, override_num_blocks=len(items))
@@ -501,6 +504,7 @@ def _run(ray, args, units) -> dict:
     inputs = sum(s["rows"] for s in summaries)
     files = [_stage1_path(work, k) for k in range(len(specs))]
     # 2. duplicates: bucket pairs on the cluster, components on the driver (one row per near pair)
+    progress.stage("duplicates", f"{inputs} records")
     removed: dict[int, str] = {}
     if sum(s["candidates"] for s in summaries):
         cols = ["order", "bad", "ncaps", "ok", "reason", "w", "h", "sha", "phash"]
@@ -511,6 +515,7 @@ def _run(ray, args, units) -> dict:
         pairs = _bounded(grouped.map_groups, pair, batch_format="pyarrow").take_all()
         removed = resolve_duplicates(pairs, args.near_dup_threshold)
     # 3. select: number the kept records (prefix sums of per-unit counts), cut and augment their captions
+    progress.stage("select", f"{len(removed)} duplicates removed")
     gone = Counter(o >> ORDER_BITS for o in removed)
     kept = [s["candidates"] - gone[s["unit"]] for s in summaries]
     starts = np.concatenate([[0], np.cumsum(kept)]).astype(int).tolist() if kept else [0]
@@ -524,6 +529,7 @@ def _run(ray, args, units) -> dict:
     info, totals = _merge_tallies(tallies)
     images = starts[-1]
     # 4. labels: first appearances, sorted; ids from per-block offsets; labels.json streamed
+    progress.stage("labels", f"{starts[-1]} images kept")
     manifest_shards, label_counts, unique = [], Counter(), 0
     labels_path = os.path.join(out, "labels.json")
     if images:
@@ -560,6 +566,7 @@ def _run(ray, args, units) -> dict:
         for ref in count_refs:
             label_counts.update(ray.get(ref))
         # 5. shards
+        progress.stage("shards", f"{unique} labels")
         layout = [(k, starts[k], kept[k]) for k in range(len(items))]
         fn = functools.partial(_write_shard_group, work=work, out=out, units=layout, shard_size=args.shard_size,
                                delay=float(os.environ.get("FLORENCE_CURATE_SHARD_DELAY", "0")))  # fmt: skip
@@ -571,7 +578,30 @@ def _run(ray, args, units) -> dict:
     stats = C.make_stats(inputs=inputs, images=images, pairs=totals["pairs"], unique_texts=unique,
                          tokens=totals["tokens"], sharing=sum(n * c for n, c in label_counts.items() if n > 1),
                          augmented=totals["augmented"], info=info)  # fmt: skip
+    progress.stage(None, f"{len(manifest_shards)} shards")
     return {"shards": manifest_shards, "stats": stats, "lengths": totals["lengths"], "positives": label_counts}
+
+
+class _Progress:
+    """One line per stage on stderr (``--quiet``: none): its number, what the previous stage produced and how long
+    it took. Ray Data draws a progress bar per operator under it where stderr is a terminal."""
+
+    def __init__(self, quiet: bool, units: int):
+        import time
+
+        self.quiet, self.clock, self.k, self.t = quiet, time.perf_counter, 0, None
+        if not quiet:
+            print(f"curate (ray): {units} read units", file=sys.stderr, flush=True)
+
+    def stage(self, name: str | None, previous: str = "") -> None:
+        now = self.clock()
+        if not self.quiet:
+            done = f"  ({previous}; {now - self.t:.1f} s)" if self.t is not None else ""
+            if done:
+                print(done, file=sys.stderr, flush=True)
+            if name:
+                print(f"stage {self.k + 1}/5: {name}", file=sys.stderr, flush=True)
+        self.k, self.t = self.k + 1, now
 
 
 def _merge_tallies(tallies: list[dict]) -> tuple[dict, dict]:

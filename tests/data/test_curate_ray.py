@@ -213,10 +213,31 @@ def mixed(tmp_path_factory):
 
 
 @requires("ray")
-def test_ray_engine_with_one_worker_writes_the_local_bytes(mixed, tmp_path):
+def test_ray_engine_with_one_worker_writes_the_local_bytes(mixed, tmp_path, capsys):
     inputs, root = mixed
-    assert _run(inputs, tmp_path / "ray", "--engine", "ray", "--num-workers", "1", "--unit-rows", "4") == 0
+    argv = [
+        "--input",
+        *inputs,
+        "--out",
+        str(tmp_path / "ray"),
+        "--min-size",
+        "32",
+        "--shard-size",
+        "3",
+        "--engine",
+        "ray",
+        "--num-workers",
+        "1",
+        "--unit-rows",
+        "4",
+    ]  # fmt: skip (not quiet: the progress lines)
+    assert curate.main(argv) == 0
     assert_same_outputs(root / "local", tmp_path / "ray")
+    err = capsys.readouterr().err
+    stages = ["read + decode + hash", "duplicates", "select", "labels", "shards"]
+    assert all(f"stage {k}/5: {name}" in err for k, name in enumerate(stages, 1)), err
+    shards = len(json.load(open(tmp_path / "ray" / "manifest.json"))["shards"])
+    assert f"({shards} shards;" in err  # the last stage's line
 
 
 @requires("ray")
