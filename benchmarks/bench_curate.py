@@ -16,7 +16,6 @@ benchmarks/.cache/.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -248,20 +247,11 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    harness.add_arguments(p)
-    p.add_argument("--reps", type=int, default=3, help="rounds of the three engines (default 3; --quick: 1)")
-    args = harness.finish_args(p.parse_args(argv))
-    import benchmarks.bench_curate as mod
+    def extra(p):
+        p.add_argument("--reps", type=int, default=3, help="rounds of the three engines (default 3; --quick: 1)")
 
-    reason = harness.missing_requirement(mod)
-    if reason is not None:
-        print(f"benchmarks.bench_curate: skipped: {reason}")
-        return 0
-    rows = run(args)
-    print(", ".join(harness.save_all(rows, args.out, mod)), file=sys.stderr)
-    print(harness.format_table(rows))
-    return 0 if rows and all(r.get("identical_to_local", True) for r in rows) else 1
+    return harness.self_measured_main("benchmarks.bench_curate", argv, extra,
+                                      ok=lambda rows: all(r.get("identical_to_local", True) for r in rows))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ gradient cache or checkpointing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -87,20 +86,7 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    harness.add_arguments(p)
-    args = harness.finish_args(p.parse_args(argv))
-    import benchmarks.bench_train as mod
-
-    reason = harness.missing_requirement(mod)
-    if reason is not None:
-        print(f"benchmarks.bench_train: skipped: {reason}")
-        return 0
-    rows = run(args)
-
-    print(", ".join(harness.save_all(rows, args.out, mod)), file=sys.stderr)
-    print(harness.format_table(rows))
-    return 0 if rows else 1
+    return harness.self_measured_main("benchmarks.bench_train", argv)
 
 
 if __name__ == "__main__":

@@ -532,3 +532,25 @@ if __name__ == "__main__":
         print(json.dumps(cpu_peak_memory_child(module, case_name, provider_name, mode, dtype, "--quick" in rest)))
     else:
         print(__doc__)
+
+
+def self_measured_main(bench_module: str, argv=None, extra_arguments=None, ok=None) -> int:
+    """The command line of a bench that measures itself (its own ``run(args) -> rows``, e.g. multi-process runs):
+    the harness's arguments plus ``extra_arguments(parser)``, a skip (exit 0) when a required package is missing,
+    rows saved and printed; exit 1 when there are no rows or ``ok(rows)`` is false."""
+    import importlib
+
+    mod = importlib.import_module(bench_module)
+    p = argparse.ArgumentParser(description=mod.__doc__.split("\n\n")[0])
+    add_arguments(p)
+    if extra_arguments is not None:
+        extra_arguments(p)
+    args = finish_args(p.parse_args(argv))
+    reason = missing_requirement(mod)
+    if reason is not None:
+        print(f"{bench_module}: skipped: {reason}")
+        return 0
+    rows = mod.run(args)
+    print(", ".join(save_all(rows, args.out, mod)), file=sys.stderr)
+    print(format_table(rows))
+    return 0 if rows and (ok is None or ok(rows)) else 1
