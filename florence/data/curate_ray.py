@@ -1,22 +1,30 @@
 """Curation on Ray Data (issue 19): ``python -m florence.data.curate --engine ray`` runs ``florence.data.curate``'s
 pipeline as distributed stages and writes the same bytes as the local engine (shards, DALI index files, manifest,
-labels, stats, summary, plots), whatever the number of workers or where tasks run.
+labels, stats, summary, plots), whatever the number of workers or where tasks run (paths are made absolute on the
+driver: a cluster's tasks run in the directory where ``ray start`` ran).
 
     python -m florence.data.curate --engine ray --input crawl/*.parquet --out DIR [--num-workers N]
         [--ray-address HOST:6379 | ray://HOST:10001] [--unit-rows 10000] [the local engine's filters and options]
 
 Without --ray-address a local Ray starts by itself (--num-workers CPUs, default all); with it the same code runs on
 that cluster, whose nodes must have this package installed and see --input and --out under the same paths (a shared
-file system, as on a Slurm or Kubernetes cluster with NFS or Lustre). Stages, each a Ray Data job:
+file system, as on a Slurm or Kubernetes cluster with NFS or Lustre; a cluster with token authentication, the
+default of ``ray start`` in Ray 2.60, needs RAY_AUTH_MODE=token and its token on the driver, else ClusterError says
+so). Groupby and sort use Ray's pull-based sort shuffle. Stages, each a Ray Data job, each announced on stderr:
 
 1. read + analyse (``Dataset.map`` over read units, ``curate.plan_inputs``): each task reads its unit's records
    (``curate.read_unit``: JSONL byte ranges, folder slices, Parquet row groups, CSV files), decodes, checks and
-   hashes their images (``curate.analyse``), normalises their captions, and writes DIR/.work/ray/analysis-*.parquet
-   atomically (the cache a restarted run reuses, as the local engine's analysis.jsonl);
-2. duplicates (``read_parquet`` -> ``map_batches`` -> ``groupby(bucket).map_groups``): every candidate (a record that
+   hashes their images (``curate.analyse``), normalises their captions, and writes the unit's stage table
+   DIR/.work/ray/stage1/unit-*.parquet and its analysis cache DIR/.work/ray/cache-*.parquet atomically (a run
+   reads the inputs again and reuses a cached analysis where the row's image path is the same, the local engine's
+   rule for its analysis.jsonl). Paths travel as bytes and captions as JSON text: Arrow strings must be UTF-8 and
+   file names need not be;
+2. duplicates (the stage tables read by tasks -> ``map_batches`` -> ``groupby(bucket).map_groups``): every
+   candidate (a record that
    passes the per-record filters, ``curate.precheck``) goes to one bucket per dHash band (the pigeonhole bands of
    ``curate.NearDuplicateIndex``; by SHA-256 when near duplicates are off); a bucket emits the pairs of its members
-   within the threshold (copies of one hash chained, distinct hashes compared pairwise); the driver joins the pairs
+   within the threshold (copies of one hash chained, distinct hashes compared pairwise; a pair shared by several
+   bands only from the lowest); the driver joins the pairs
    into connected components and resolves each with ``curate.Deduplicator`` in input order, which is what the local
    engine decides (a verdict depends only on kept images within the threshold, all in the component);
 3. select (``Dataset.map`` over units): with the removed records (broadcast) and each unit's first sample index
@@ -28,7 +36,7 @@ file system, as on a Slurm or Kubernetes cluster with NFS or Lustre). Stages, ea
    sorted label texts, one block at a time;
 5. shards (``groupby(shard).map_groups``): each shard's task reads its samples and their label ids and writes the
    shard and its DALI index with ``curate.write_shard`` (the local engine's writer: same order, same bytes); shards
-   a killed run already wrote are kept.
+   a killed run already wrote are kept when every sample's JSON in them is the one due.
 
 What the driver gathers, and why it is small: the read units (one small dict per file, row group or --unit-rows
 lines), per-unit and per-block counts, the near pairs (one row per pair of images within the threshold, not per
@@ -36,10 +44,10 @@ image) and the removed records (one entry per duplicate), the shard list, and th
 labels.json. No step collects all records, images or hashes in one place; a task holds one unit, one bucket, the
 captions of one text or one shard.
 
-Fault tolerance: a worker that dies (a killed process, a lost node) fails its task, which Ray runs again (stages
-are pure functions of their inputs and every file is written atomically, so a second attempt writes the same
-bytes); a whole run killed and started again reuses the analysis cache and the finished shards and ends in the same
-bytes as an uninterrupted run (tests/data/test_curate_ray.py kills both ways).
+Fault tolerance: a worker that dies (a killed process, a lost node) fails its task, which Ray runs again, at most
+MAX_RETRIES times (stages are pure functions of their inputs and every file is written atomically, so a second
+attempt writes the same bytes); a whole run killed and started again reuses the analysis cache and the finished
+shards and ends in the same bytes as an uninterrupted run (tests/data/test_curate_ray.py kills both ways).
 """
 
 from __future__ import annotations
