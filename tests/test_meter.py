@@ -350,3 +350,17 @@ def test_the_benchmarks_cpu_case_runs_on_every_cpu_provider():
     assert set(losses) == {"reference", "fused"}
     assert all(math.isfinite(v) for v in losses.values())
     assert abs(losses["reference"] - losses["fused"]) < 1e-4 * abs(losses["reference"])
+
+
+def test_fusion_init_scales_with_fan_in():
+    """The fusion's Linear weights start at normal(0, 1 / sqrt(fan_in)) (METER's flat 0.02 stalls a narrow fusion:
+    METER._init_fusion's docstring), biases at 0, the token-type embedding at BERT's 0.02; the towers keep theirs."""
+    torch.manual_seed(0)
+    m = _tiny(width=256, layers=1, itm=True)
+    for name, layer in (("text_proj", m.text_proj), ("image_proj", m.image_proj), ("vqa_head.0", m.vqa_head[0]),
+                        ("query", m.image_layers[0].cross_attn.query), ("fc2", m.text_layers[0].fc2),
+                        ("itm_head", m.itm_head)):  # fmt: skip
+        std = layer.weight.std().item()
+        assert abs(std * layer.in_features**0.5 - 1) < 0.1, (name, std, layer.in_features)
+        assert torch.count_nonzero(layer.bias) == 0, name
+    assert abs(m.token_type.weight.std().item() - 0.02) < 0.005

@@ -193,12 +193,21 @@ class METER(nn.Module):
 
     @staticmethod
     def _init_fusion(m):
-        """BERT's initialisation for the fusion layers and heads (METER's init_weights): normal(0, 0.02) weights,
-        zero biases, LayerNorms at (1, 0)."""
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
+        """The fusion layers', projections' and heads' initialisation: Linear weights normal(0, 1 / sqrt(fan_in))
+        (LeCun's), zero biases, LayerNorms at (1, 0), the token-type embedding normal(0, 0.02) (BERT's).
+
+        METER (init_weights) draws every weight from BERT's normal(0, 0.02), a scale chosen for width 768 (about 0.55 /
+        sqrt(768)). At a smaller width the same 0.02 leaves queries and keys so small that every attention starts
+        uniform, and the fusion sits on a plateau for hundreds of steps before it binds a question word to an image
+        token. Measured on the digit questions with oracle image tokens (width 128, 2 layers, 64 questions a step;
+        benchmarks/results/cpu-2026-12-01-vqa-init/): held-out accuracy 49.8% after 400 steps at 0.02 (86.4% only
+        after 1,200), 87.2% after 400 with 1 / sqrt(fan_in) (78.1% after 200), 81.5% with Xavier's uniform."""
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features**-0.5)
+            if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
