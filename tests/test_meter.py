@@ -354,7 +354,7 @@ def test_the_benchmarks_cpu_case_runs_on_every_cpu_provider():
 
 def test_fusion_init_scales_with_fan_in():
     """The fusion's Linear weights start at normal(0, 1 / sqrt(fan_in)) (METER's flat 0.02 stalls a narrow fusion:
-    METER._init_fusion's docstring), biases at 0, the token-type embedding at BERT's 0.02; the towers keep theirs."""
+    METER._init_fusion's docstring), biases at 0, the token-type embedding at BERT's 0.02."""
     torch.manual_seed(0)
     m = _tiny(width=256, layers=1, itm=True)
     for name, layer in (("text_proj", m.text_proj), ("image_proj", m.image_proj), ("vqa_head.0", m.vqa_head[0]),

@@ -199,9 +199,10 @@ class METER(nn.Module):
         METER (init_weights) draws every weight from BERT's normal(0, 0.02), a scale chosen for width 768 (about 0.55 /
         sqrt(768)). At a smaller width the same 0.02 leaves queries and keys so small that every attention starts
         uniform, and the fusion sits on a plateau for hundreds of steps before it binds a question word to an image
-        token. Measured on the digit questions with oracle image tokens (width 128, 2 layers, 64 questions a step;
-        benchmarks/results/cpu-2026-12-01-vqa-init/): held-out accuracy 49.8% after 400 steps at 0.02 (86.4% only
-        after 1,200), 87.2% after 400 with 1 / sqrt(fan_in) (78.1% after 200), 81.5% with Xavier's uniform."""
+        token. Measured on the digit questions with oracle image tokens (width 128, 2 layers, 64 questions a step; the
+        diagnostics/ folders of benchmarks/results/cpu-2026-12-01-vqa-400 and -vqa-init): held-out accuracy 49.8%
+        after 400 steps at 0.02 (86.4% only after 1,200), 87.2% after 400 with 1 / sqrt(fan_in) (78.1% after 200),
+        81.5% with Xavier's uniform."""
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=m.in_features**-0.5)
             if m.bias is not None:
