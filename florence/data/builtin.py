@@ -1,14 +1,15 @@
 """The built-in dataset: scikit-learn's handwritten digits (1,797 8x8 images shipped inside the package; nothing is
 downloaded) as image-text pairs, in the curation command's input format.
 
-    python -m florence.data.builtin --out DIR [--size 64] [--test-fraction 0.2] [--seed 0]
+    python -m florence.data.builtin --out DIR [--size 64] [--test-fraction 0.2] [--seed 0] [--colour-copies 1]
 
 writes DIR/images/*.jpg (each digit upscaled to --size, bicubic, saved as JPEG), DIR/train.jsonl (one line per
 training image: {"image": "images/....jpg", "captions": [...], "label": digit}) for ``florence.data.curate``,
 DIR/test.jsonl (the held-out images with their class index and captions, for zero-shot and retrieval) and
 DIR/classes.json (the class names, for zero-shot evaluation). Captions come in several styles per class and every
 style is shared by all images of the class, so many pairs share a text (UniCL positives); some are a bare word
-("seven"), which curation augments with prompts.
+("seven"), which curation augments with prompts. --colour-copies N adds N coloured copies of every training digit
+drawn as the question canvases draw digits (``build_digits``; make demo uses 1).
 
 Variants are registered in VARIANTS by name; each builder takes (out_dir, size, test_fraction, seed) and returns a
 summary dict; --size defaults to the variant's own default (64 here, 128 for digit_canvases and digit_questions).
@@ -89,7 +90,16 @@ def _write_lines(path: str, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def build_digits(out_dir: str, size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> dict:
+def build_digits(out_dir: str, size: int = 64, test_fraction: float = 0.2, seed: int = 0,
+                 colour_copies: int = 0) -> dict:  # fmt: skip
+    """The pretraining variant (module docstring): every digit image grey on white, filling the frame; the held-out
+    split is those images only (zero-shot and retrieval). ``colour_copies`` adds that many copies of every TRAINING
+    digit drawn as the question canvases draw digits (``florence.data.vqa.colour_copy``: one of six colours, 62-100%
+    of the frame at a random place, the canvases' background and clutter; seeded by (seed, copy, image)), each with
+    the five caption styles plus two naming its colour ("a red handwritten seven", "the number 7 in red"), written as
+    images/colour{copy}_{index:04d}.jpg. make demo uses one copy (its towers then read the canvases' digits; README,
+    Vision-language). Returns the summary written to classes.json. Raises ValueError for a size < 8, a test_fraction
+    outside (0, 1) or colour_copies not an int >= 0."""
     from PIL import Image
 
     from florence.data.curate import to_rgb8
@@ -98,6 +108,8 @@ def build_digits(out_dir: str, size: int = 64, test_fraction: float = 0.2, seed:
         raise ValueError(f"size: expected an int >= 8 (pixels), got {size!r}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction!r}")
+    if not isinstance(colour_copies, int) or isinstance(colour_copies, bool) or colour_copies < 0:
+        raise ValueError(f"colour_copies: expected an int >= 0, got {colour_copies!r}")
     images, labels = _digit_images(size)
     train, test = _split(labels, test_fraction, seed)
     img_dir = os.path.join(out_dir, "images")
@@ -111,14 +123,29 @@ def build_digits(out_dir: str, size: int = 64, test_fraction: float = 0.2, seed:
     def captions(y):
         return [s.format(name=CLASS_NAMES[y], digit=y) for s in CAPTION_STYLES]
 
-    _write_lines(os.path.join(out_dir, "train.jsonl"),
-                 ({"image": f"images/digit_{i:04d}.jpg", "captions": captions(int(labels[i])), "label": int(labels[i])}
-                  for i in train))  # fmt: skip
+    rows = [{"image": f"images/digit_{i:04d}.jpg", "captions": captions(int(labels[i])), "label": int(labels[i])}
+            for i in train]  # fmt: skip
+    if colour_copies:
+        from florence.data.loader import _rng
+        from florence.data.vqa import colour_copy
+
+        digits8, _ = _digit_images(8)
+        for c in range(colour_copies):
+            for i in train:
+                y, name = int(labels[i]), f"images/colour{c}_{i:04d}.jpg"
+                image, colour = colour_copy(_rng(seed, c, f"digit{i}", "colour_copy"), digits8[i], size)
+                path = os.path.join(out_dir, name)
+                if not os.path.exists(path):
+                    atomic_write(path, lambda tmp, im=image: Image.fromarray(im).save(tmp, format="JPEG", quality=95))
+                extra = [f"a {colour} handwritten {CLASS_NAMES[y]}", f"the number {y} in {colour}"]
+                rows.append({"image": name, "captions": captions(y) + extra, "label": y, "colour": colour})
+    _write_lines(os.path.join(out_dir, "train.jsonl"), rows)
     _write_lines(os.path.join(out_dir, "test.jsonl"),
                  ({"image": f"images/digit_{i:04d}.jpg", "label": int(labels[i]), "captions": captions(int(labels[i]))}
                   for i in test))  # fmt: skip
     summary = {"variant": "digits", "size": size, "train": int(len(train)), "test": int(len(test)),
-               "classes": list(CLASS_NAMES), "captions_per_image": len(CAPTION_STYLES), "seed": seed}  # fmt: skip
+               "classes": list(CLASS_NAMES), "captions_per_image": len(CAPTION_STYLES), "seed": seed,
+               "colour_copies": colour_copies, "train_images": len(rows)}  # fmt: skip
     atomic_write_text(os.path.join(out_dir, "classes.json"), json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -344,8 +371,14 @@ def main(argv=None) -> int:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=16, help="frames per clip (default 16; moving_digits only)")
+    p.add_argument("--colour-copies", type=int, default=0,
+                   help="coloured copies of every training digit (default 0; digits only; make demo: 1)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.colour_copies and args.variant != "digits":
+        p.error(f"--colour-copies: only for --variant digits, got --variant {args.variant}")
     extra = {"frames": args.frames} if args.variant == "moving_digits" else {}
+    if args.variant == "digits":
+        extra["colour_copies"] = args.colour_copies
     if args.size is not None:
         extra["size"] = args.size
     summary = VARIANTS[args.variant](args.out, test_fraction=args.test_fraction, seed=args.seed, **extra)

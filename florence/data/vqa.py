@@ -13,15 +13,15 @@ of question batches with two JPEG decoders (PIL, NVIDIA DALI) behind one code pa
     report = vqa_report(predicted_answers, batch_answers, question_types)  # {"accuracy", "per_type": {...}, ...}
 
 Digit questions (``build_digit_questions``): canvases of 1-4 of scikit-learn's handwritten digits, each in one of
-six clearly distinct colours (COLOURS), 24-44 px tall at 128 px (scaled with the canvas), on the detection canvases'
+six clearly distinct colours (COLOURS), 36-52 px tall at 128 px (scaled with the canvas), on the detection canvases'
 light textured background (``florence.data.detection._background``) with its clutter drawn at half strength. The
 digits' squares never overlap and their centres lie at least MIN_CENTRE_DX pixels apart across, so "left of" and
 "far right" have one answer. Train canvases show training digit images only, held-out canvases held-out ones
 (``builtin._split``). Questions come from templates of five types (QUESTION_TYPES), every answer one word:
 - count: "how many digits are there?" -> "1".."4"; "how many red digits are there?" -> "0".."4" (half of the count
   questions are the total; half of all count answers are "1": a colour on a canvas is mostly on one digit);
-- exist: "is there a seven?" -> "yes" / "no", alternating on a canvas from a fair coin's first answer (1,938 yes
-  and 1,900 no in the default training split);
+- exist: "is there a seven?" -> "yes" / "no", alternating on a canvas from a fair coin's first answer (1,945 yes
+  and 1,907 no in the default training split);
 - position: "which digit is on the far left?" / "... far right?" -> "0".."9" (canvases with >= 2 digits);
 - relation: "what digit is to the right of the seven?" / "left of" -> the digit whose box centre is nearest in x on
   that side; asked only when the named digit appears once and has a digit on that side;
@@ -117,7 +117,13 @@ from florence_kernels._io import atomic_write, atomic_write_text
 # (170-250 per channel): the colour of a digit is an answer, so no two may be confused.
 COLOURS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 70, 230), "orange": (245, 140, 0),
            "purple": (140, 40, 180), "black": (20, 20, 20)}  # fmt: skip
-DIGIT_SIDES = (24, 44)  # the side of a digit's square at a 128-px canvas (sklearn's glyphs fill their height)
+# The side of a digit's square at a 128-px canvas (sklearn's glyphs fill their height): about the scale of make
+# demo's coloured copies (COPY_SIDES: 40-64 px), so that the towers see the digits at the size they were pretrained
+# on. At 24-44 px (before 2026-12-01) a digit was about one of CoSwin's final 32-px tokens at 128 px: trained
+# directly to name each digit from its box's final-stage tokens (16 canvases a step, lr 1e-3), the tower stayed at
+# chance for 300 steps; at 40-56 px it reached 64% (README, Vision-language). Four digits of 36-52 px do not always
+# find a place: of the 3,000 training canvases 26% hold one digit, 27% two, 33% three, 14% four.
+DIGIT_SIDES = (36, 52)
 DIGITS_PER_CANVAS = (1, 4)  # uniform; fewer when a digit finds no place (PLACEMENT_TRIES)
 # Digit centres (of their ink boxes) at least this many pixels apart in x, so that the far left, the far right and
 # the nearest neighbour on a side are plain to see; the digits' squares never overlap.
@@ -130,6 +136,10 @@ STROKE_GAIN = 1.5
 # clutter, never mistaken for a coloured digit.
 CLUTTER_STRENGTH = 0.5
 
+# make demo's coloured copies (``colour_copy``): the digit's side as a fraction of the pretraining image's (40-64 px
+# at 64). Measured (2026-12-01, 2-core VM, one copy per training digit, make demo's 400 steps): zero-shot on the
+# plain held-out digits 96.1% (make demo without copies: 96.9%; copies at 24-48 px: 93.0%); see README, Vision-language.
+COPY_SIDES = (0.625, 1.0)
 QUESTION_TYPES = ("count", "exist", "position", "relation", "colour")
 # The fewest questions any canvas has (one digit: 7 count, 10 exist, 1 colour): the most a canvas can be asked.
 MAX_QUESTIONS_PER_CANVAS = 18
@@ -183,6 +193,37 @@ def question_canvas(n: int, pool: np.ndarray, digits8: np.ndarray, labels: np.nd
                                         float(tight[3] - tight[1] + 1)]})  # fmt: skip
                 break
     return np.floor(canvas + 0.5).clip(0, 255).astype(np.uint8), objects
+
+
+def colour_copy(rng: np.random.Generator, digit8: np.ndarray, size: int = 64,
+                sides: tuple[float, float] = COPY_SIDES) -> tuple[np.ndarray, str]:  # fmt: skip
+    """(image uint8 (size, size, 3), colour name): one sklearn digit (``digit8``: uint8 (8, 8), dark ink on white)
+    drawn as on the question canvases (a COLOURS colour, STROKE_GAIN, the canvases' background and clutter at
+    CLUTTER_STRENGTH) at a side uniform in ``sides`` x ``size`` pixels and a uniform place: make demo's pretraining
+    copies (``builtin.build_digits(colour_copies=...)``), so that its towers see digits as the canvases show them.
+    Raises ValueError for a digit that is not (8, 8) uint8, a size < 8 or sides outside (0, 1]."""
+    from PIL import Image
+
+    if not isinstance(digit8, np.ndarray) or digit8.shape != (8, 8) or digit8.dtype != np.uint8:
+        got = (digit8.shape, digit8.dtype) if isinstance(digit8, np.ndarray) else type(digit8).__name__
+        raise ValueError(f"digit8: expected a uint8 (8, 8) array, got {got}")
+    if not _is_int(size) or size < 8:
+        raise ValueError(f"size: expected an int >= 8 (pixels), got {size!r}")
+    if not (len(sides) == 2 and 0 < sides[0] <= sides[1] <= 1):
+        raise ValueError(f"sides: expected (low, high) with 0 < low <= high <= 1 (fractions of size), got {sides!r}")
+    canvas = _background(rng, size)
+    cluttered = canvas.copy()
+    _clutter(rng, cluttered)
+    canvas += CLUTTER_STRENGTH * (cluttered - canvas)
+    side = int(rng.integers(max(4, round(sides[0] * size)), round(sides[1] * size) + 1))
+    grey = np.asarray(Image.fromarray(digit8).resize((side, side), Image.BICUBIC), dtype=np.float32)
+    alpha = np.minimum((255 - grey) / 255 * STROKE_GAIN, 1.0)[:, :, None]
+    x, y = (int(v) for v in rng.integers(0, size - side + 1, 2))
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    region = canvas[y : y + side, x : x + side]
+    region *= 1 - alpha
+    region += np.asarray(COLOURS[colour], dtype=np.float32) * alpha
+    return np.floor(canvas + 0.5).clip(0, 255).astype(np.uint8), colour
 
 
 def _render(job) -> list[dict]:

@@ -150,7 +150,8 @@ def test_layout_sizes_colours_and_held_out_digit_images(data):
                     assert ax0 + aw <= bx0 or bx0 + bw <= ax0 or ay0 + ah <= by0 or by0 + bh <= ay0  # no overlap
                     assert abs((ax0 + aw / 2) - (bx0 + bw / 2)) >= vqa.MIN_CENTRE_DX
     assert set(counts) == {1, 2, 3, 4}
-    assert max(heights) <= round(44 * SIZE / 128) and min(heights) >= 10 and max(heights) > 26  # 18-33 px squares
+    low, high = (round(s * SIZE / 128) for s in vqa.DIGIT_SIDES)  # 27-39 px squares at 96 px
+    assert max(heights) <= high and min(heights) >= 0.6 * low and max(heights) > 0.85 * high
 
 
 def test_deterministic_and_the_rebuild_stamp(data, tmp_path, monkeypatch):
@@ -495,3 +496,60 @@ def test_eval_set(data, eval_train, backend):
 def test_bad_loader_arguments(data, batch_size, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_vqa_loader(str(data[0] / "shards"), batch_size, 64, **kwargs)
+
+
+# --- make demo's coloured copies (pretraining digits drawn as the canvases draw them) -----------------------------
+
+
+def test_colour_copy_draws_the_digit_in_its_colour_at_the_asked_scale():
+    digits8, labels, _ = _pools()
+    sides = []
+    for n in range(40):
+        image, colour = vqa.colour_copy(_rng(0, 0, f"t{n}", "copy"), digits8[n], 64)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and colour in COLOURS
+        near = np.abs(image.astype(int) - np.asarray(COLOURS[colour])).max(-1) <= 40
+        rows, cols = np.flatnonzero(near.any(1)), np.flatnonzero(near.any(0))
+        assert near.sum() > 60  # its strokes are drawn in its colour
+        sides.append(max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1)
+        again, colour2 = vqa.colour_copy(_rng(0, 0, f"t{n}", "copy"), digits8[n], 64)
+        assert colour2 == colour and np.array_equal(again, image)  # deterministic for its generator
+    # the ink spans most of the square's side (sklearn's glyphs fill their height): 40-64 px squares
+    assert 0.55 * 64 <= np.median(sides) <= 64 and min(sides) >= 0.4 * 64
+    for kwargs, message in (({"digit8": digits8[0][:4]}, r"digit8: expected a uint8 \(8, 8\) array"),
+                            ({"size": 4}, "size: expected an int >= 8"),
+                            ({"sides": (0.0, 1.0)}, r"sides: expected \(low, high\) with 0 < low")):  # fmt: skip
+        args = {"digit8": digits8[0], "size": 64, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            vqa.colour_copy(np.random.default_rng(0), **args)
+
+
+def test_build_digits_with_colour_copies(tmp_path):
+    from PIL import Image
+
+    from florence.data import builtin
+
+    plain = builtin.build_digits(str(tmp_path / "plain"), size=32)
+    summary = builtin.build_digits(str(tmp_path / "copies"), size=32, colour_copies=2)
+    n = summary["train"]
+    assert plain["train_images"] == n and summary["train_images"] == 3 * n and summary["colour_copies"] == 2
+    rows = [json.loads(line) for line in open(tmp_path / "copies" / "train.jsonl")]
+    assert rows[:n] == [json.loads(line) for line in open(tmp_path / "plain" / "train.jsonl")]  # the plain ones first
+    assert open(tmp_path / "copies" / "test.jsonl").read() == open(tmp_path / "plain" / "test.jsonl").read()
+    copies = rows[n:]
+    twice = Counter(r["label"] for r in rows[:n] for _ in range(2))
+    assert len({r["image"] for r in copies}) == 2 * n and Counter(r["label"] for r in copies) == twice  # no held-out
+    for r in copies[:: max(1, len(copies) // 20)]:
+        assert r["captions"][-2:] == [f"a {r['colour']} handwritten {CLASS_NAMES[r['label']]}",
+                                      f"the number {r['label']} in {r['colour']}"]  # fmt: skip
+        image = np.asarray(Image.open(tmp_path / "copies" / r["image"]))
+        assert image.shape == (32, 32, 3)
+    again = builtin.build_digits(str(tmp_path / "again"), size=32, colour_copies=2)
+    same = open(tmp_path / "again" / "train.jsonl").read() == open(tmp_path / "copies" / "train.jsonl").read()
+    assert again == summary and same  # deterministic
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="colour_copies: expected an int >= 0"):
+            builtin.build_digits(str(tmp_path / "never"), size=32, colour_copies=bad)
+    with pytest.raises(SystemExit):
+        builtin.main(["--variant", "moving_digits", "--out", str(tmp_path / "never"), "--colour-copies", "1"])
+    builtin.main(["--out", str(tmp_path / "cli"), "--size", "32", "--colour-copies", "1"])
+    assert json.load(open(tmp_path / "cli" / "classes.json"))["train_images"] == 2 * n
