@@ -89,7 +89,7 @@ test-gpu-env: $(VENV_GPU)/.built
 DEMO_DATA := data/digits
 demo: install
 	$(PY) -m florence_kernels.info | head -n 3
-	$(PY) -m florence.data.builtin --out $(DEMO_DATA) --size 64 --colour-copies 1
+	$(PY) -m florence.data.builtin --out $(DEMO_DATA) --size 64
 	$(PY) -m florence.data.curate --input $(DEMO_DATA)/train.jsonl --out $(DEMO_DATA)-shards --min-size 8 \
 		--near-dup-threshold -1 --shard-size 256
 	rm -rf runs/demo

@@ -117,12 +117,12 @@ from florence_kernels._io import atomic_write, atomic_write_text
 # (170-250 per channel): the colour of a digit is an answer, so no two may be confused.
 COLOURS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 70, 230), "orange": (245, 140, 0),
            "purple": (140, 40, 180), "black": (20, 20, 20)}  # fmt: skip
-# The side of a digit's square at a 128-px canvas (sklearn's glyphs fill their height): about the scale of make
-# demo's coloured copies (COPY_SIDES: 40-64 px), so that the towers see the digits at the size they were pretrained
-# on. At 24-44 px (before 2026-12-01) a digit was about one of CoSwin's final 32-px tokens at 128 px: trained
-# directly to name each digit from its box's final-stage tokens (16 canvases a step, lr 1e-3), the tower stayed at
-# chance for 300 steps; at 40-56 px it reached 64% (README, Vision-language). Four digits of 36-52 px do not always
-# find a place: of the 3,000 training canvases 26% hold one digit, 27% two, 33% three, 14% four.
+# The side of a digit's square at a 128-px canvas (sklearn's glyphs fill their height): nearer the 64 px of make
+# demo's pretraining digits and the coloured copies' 40-64 px (COPY_SIDES). At 24-44 px (before 2026-12-01) a digit
+# was about one of CoSwin's final 32-px tokens at 128 px: trained directly to name each digit from its box's
+# final-stage tokens (16 canvases a step, lr 1e-3), the tower stayed at chance for 300 steps; at 40-56 px it reached
+# 64% (README, Vision-language). Four digits of 36-52 px do not always find a place: of the 3,000 training canvases
+# 26% hold one digit, 27% two, 33% three, 14% four.
 DIGIT_SIDES = (36, 52)
 DIGITS_PER_CANVAS = (1, 4)  # uniform; fewer when a digit finds no place (PLACEMENT_TRIES)
 # Digit centres (of their ink boxes) at least this many pixels apart in x, so that the far left, the far right and
@@ -136,9 +136,9 @@ STROKE_GAIN = 1.5
 # clutter, never mistaken for a coloured digit.
 CLUTTER_STRENGTH = 0.5
 
-# make demo's coloured copies (``colour_copy``): the digit's side as a fraction of the pretraining image's (40-64 px
-# at 64). Measured (2026-12-01, 2-core VM, one copy per training digit, make demo's 400 steps): zero-shot on the
-# plain held-out digits 96.1% (make demo without copies: 96.9%; copies at 24-48 px: 93.0%); see README, Vision-language.
+# The coloured pretraining copies (``colour_copy``): the digit's side as a fraction of the pretraining image's (40-64
+# px at 64). Measured (2026-12-01, 2-core VM, one copy per training digit, make demo's 400 steps): zero-shot on the
+# plain held-out digits 95.8-96.1% (without copies: 96.9%; copies at 24-48 px: 93.0%); see README, Vision-language.
 COPY_SIDES = (0.625, 1.0)
 QUESTION_TYPES = ("count", "exist", "position", "relation", "colour")
 # The fewest questions any canvas has (one digit: 7 count, 10 exist, 1 colour): the most a canvas can be asked.
@@ -199,8 +199,8 @@ def colour_copy(rng: np.random.Generator, digit8: np.ndarray, size: int = 64,
                 sides: tuple[float, float] = COPY_SIDES) -> tuple[np.ndarray, str]:  # fmt: skip
     """(image uint8 (size, size, 3), colour name): one sklearn digit (``digit8``: uint8 (8, 8), dark ink on white)
     drawn as on the question canvases (a COLOURS colour, STROKE_GAIN, the canvases' background and clutter at
-    CLUTTER_STRENGTH) at a side uniform in ``sides`` x ``size`` pixels and a uniform place: make demo's pretraining
-    copies (``builtin.build_digits(colour_copies=...)``), so that its towers see digits as the canvases show them.
+    CLUTTER_STRENGTH) at a side uniform in ``sides`` x ``size`` pixels and a uniform place: the pretraining copies of
+    ``builtin.build_digits(colour_copies=...)``, so that the towers see digits as the canvases show them.
     Raises ValueError for a digit that is not (8, 8) uint8, a size < 8 or sides outside (0, 1]."""
     from PIL import Image
 
