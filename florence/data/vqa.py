@@ -215,7 +215,8 @@ def colour_copy(rng: np.random.Generator, digit8: np.ndarray, size: int = 64,
     cluttered = canvas.copy()
     _clutter(rng, cluttered)
     canvas += CLUTTER_STRENGTH * (cluttered - canvas)
-    side = int(rng.integers(max(4, round(sides[0] * size)), round(sides[1] * size) + 1))
+    low = max(4, round(sides[0] * size))
+    side = int(rng.integers(low, max(low, round(sides[1] * size)) + 1))  # at least 4 px
     grey = np.asarray(Image.fromarray(digit8).resize((side, side), Image.BICUBIC), dtype=np.float32)
     alpha = np.minimum((255 - grey) / 255 * STROKE_GAIN, 1.0)[:, :, None]
     x, y = (int(v) for v in rng.integers(0, size - side + 1, 2))

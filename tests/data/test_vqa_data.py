@@ -515,6 +515,8 @@ def test_colour_copy_draws_the_digit_in_its_colour_at_the_asked_scale():
         assert colour2 == colour and np.array_equal(again, image)  # deterministic for its generator
     # the ink spans most of the square's side (sklearn's glyphs fill their height): 40-64 px squares
     assert 0.55 * 64 <= np.median(sides) <= 64 and min(sides) >= 0.4 * 64
+    tiny, _ = vqa.colour_copy(np.random.default_rng(0), digits8[0], 8, (0.1, 0.1))  # a 4-px digit, the least drawn
+    assert tiny.shape == (8, 8, 3)
     for kwargs, message in (({"digit8": digits8[0][:4]}, r"digit8: expected a uint8 \(8, 8\) array"),
                             ({"size": 4}, "size: expected an int >= 8"),
                             ({"sides": (0.0, 1.0)}, r"sides: expected \(low, high\) with 0 < low")):  # fmt: skip
