@@ -151,6 +151,31 @@ _NUMBER_WORDS = {w: str(i) for i, w in enumerate(CLASS_NAMES + ("ten",))}
 # --- the canvases ---------------------------------------------------------------------------------------------------
 
 
+def _cluttered_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """float32 (size, size, 3): the detection canvases' background with their clutter at CLUTTER_STRENGTH."""
+    canvas = _background(rng, size)
+    cluttered = canvas.copy()
+    _clutter(rng, cluttered)
+    canvas += CLUTTER_STRENGTH * (cluttered - canvas)
+    return canvas
+
+
+def _ink_alpha(digit8: np.ndarray, side: int) -> np.ndarray:
+    """float32 (side, side) in [0, 1]: a glyph's ink (dark on white) resized bicubically, times STROKE_GAIN."""
+    from PIL import Image
+
+    grey = np.asarray(Image.fromarray(digit8).resize((side, side), Image.BICUBIC), dtype=np.float32)
+    return np.minimum((255 - grey) / 255 * STROKE_GAIN, 1.0)
+
+
+def _paint(canvas: np.ndarray, alpha: np.ndarray, x: int, y: int, colour: str) -> None:
+    """Blend COLOURS[colour] into ``canvas`` in place at top-left (x, y) with the glyph's ``alpha``."""
+    side = alpha.shape[0]
+    region = canvas[y : y + side, x : x + side]
+    region *= 1 - alpha[:, :, None]
+    region += np.asarray(COLOURS[colour], dtype=np.float32) * alpha[:, :, None]
+
+
 def question_canvas(n: int, pool: np.ndarray, digits8: np.ndarray, labels: np.ndarray, size: int = 128,
                     seed: int = 0) -> tuple[np.ndarray, list[dict]]:  # fmt: skip
     """(image uint8 (size, size, 3), objects) of canvas number ``n``, drawn by its own generator (seed,
@@ -161,21 +186,16 @@ def question_canvas(n: int, pool: np.ndarray, digits8: np.ndarray, labels: np.nd
     order, {"digit", "colour" (a COLOURS name), "box": [x, y, w, h] (the tight box of the pixels drawn at alpha >
     detection.INK_ALPHA, in pixel edges), "digit_image" (sklearn's index)}.
     """
-    from PIL import Image
 
     rng = _rng(seed, 0, f"canvas{n}", "digit_questions")
-    canvas = _background(rng, size)
-    cluttered = canvas.copy()
-    _clutter(rng, cluttered)
-    canvas += CLUTTER_STRENGTH * (cluttered - canvas)
+    canvas = _cluttered_background(rng, size)
     low, high = (max(8, round(s * size / 128)) for s in DIGIT_SIDES)
     names = list(COLOURS)
     squares, centres, objects = [], [], []
     for _ in range(int(rng.integers(DIGITS_PER_CANVAS[0], DIGITS_PER_CANVAS[1] + 1))):
         index = int(pool[int(rng.integers(len(pool)))])
         side = int(rng.integers(low, high + 1))
-        grey = np.asarray(Image.fromarray(digits8[index]).resize((side, side), Image.BICUBIC), dtype=np.float32)
-        alpha = np.minimum((255 - grey) / 255 * STROKE_GAIN, 1.0)
+        alpha = _ink_alpha(digits8[index], side)
         tight = _tight_box(alpha)
         colour = names[int(rng.integers(len(names)))]
         for _ in range(PLACEMENT_TRIES if tight is not None else 0):  # (a glyph without ink: never with sklearn's)
@@ -183,9 +203,7 @@ def question_canvas(n: int, pool: np.ndarray, digits8: np.ndarray, labels: np.nd
             centre = x + (tight[0] + tight[2] + 1) / 2
             apart = all(x + side <= x0 or x1 <= x or y + side <= y0 or y1 <= y for x0, y0, x1, y1 in squares)
             if apart and all(abs(centre - c) >= MIN_CENTRE_DX for c in centres):
-                region = canvas[y : y + side, x : x + side]
-                region *= 1 - alpha[:, :, None]
-                region += np.asarray(COLOURS[colour], dtype=np.float32) * alpha[:, :, None]
+                _paint(canvas, alpha, x, y, colour)
                 squares.append((x, y, x + side, y + side))
                 centres.append(centre)
                 objects.append({"digit": int(labels[index]), "colour": colour, "digit_image": index,
@@ -202,7 +220,6 @@ def colour_copy(rng: np.random.Generator, digit8: np.ndarray, size: int = 64,
     CLUTTER_STRENGTH) at a side uniform in ``sides`` x ``size`` pixels and a uniform place: the pretraining copies of
     ``builtin.build_digits(colour_copies=...)``, so that the towers see digits as the canvases show them.
     Raises ValueError for a digit that is not (8, 8) uint8, a size < 8 or sides outside (0, 1]."""
-    from PIL import Image
 
     if not isinstance(digit8, np.ndarray) or digit8.shape != (8, 8) or digit8.dtype != np.uint8:
         got = (digit8.shape, digit8.dtype) if isinstance(digit8, np.ndarray) else type(digit8).__name__
@@ -211,19 +228,13 @@ def colour_copy(rng: np.random.Generator, digit8: np.ndarray, size: int = 64,
         raise ValueError(f"size: expected an int >= 8 (pixels), got {size!r}")
     if not (len(sides) == 2 and 0 < sides[0] <= sides[1] <= 1):
         raise ValueError(f"sides: expected (low, high) with 0 < low <= high <= 1 (fractions of size), got {sides!r}")
-    canvas = _background(rng, size)
-    cluttered = canvas.copy()
-    _clutter(rng, cluttered)
-    canvas += CLUTTER_STRENGTH * (cluttered - canvas)
+    canvas = _cluttered_background(rng, size)
     low = max(4, round(sides[0] * size))
     side = int(rng.integers(low, max(low, round(sides[1] * size)) + 1))  # at least 4 px
-    grey = np.asarray(Image.fromarray(digit8).resize((side, side), Image.BICUBIC), dtype=np.float32)
-    alpha = np.minimum((255 - grey) / 255 * STROKE_GAIN, 1.0)[:, :, None]
+    alpha = _ink_alpha(digit8, side)
     x, y = (int(v) for v in rng.integers(0, size - side + 1, 2))
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-    region = canvas[y : y + side, x : x + side]
-    region *= 1 - alpha
-    region += np.asarray(COLOURS[colour], dtype=np.float32) * alpha
+    _paint(canvas, alpha, x, y, colour)
     return np.floor(canvas + 0.5).clip(0, 255).astype(np.uint8), colour
 
 
