@@ -3,7 +3,8 @@ backward): samples/s (``items_per_s``) and peak memory. The same model, same wei
 (literal window attention and convolutional embedding, "reference") against fused ops (automatic backends, "fused":
 the C++ CPU kernels where they pay, Triton / CUDA on a GPU); on a GPU also the fusion's attention forced to SDPA's
 math kernel ("sdpa_math", the unfused softmax(QK^T)V PyTorch falls back to) against SDPA's automatic choice
-(memory-efficient / flash kernels, in "fused").
+(memory-efficient / flash kernels, in "fused"), and, where flash-attn is installed, the fusion through flash-attn's
+varlen kernel ("fused+flash_attn": padding packed away rather than masked).
 
     python -m benchmarks.bench_vqa [--quick] [--device cpu|cuda] [--dtype fp32|bf16]
 
@@ -58,17 +59,17 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> list[Case]:
 
 
 @functools.cache
-def _model(cfg, W, H, N, A, backend, device, dtype):
+def _model(cfg, W, H, N, A, backend, device, dtype, attn_backend="sdpa"):
     torch.manual_seed(0)
     c = get_config(cfg)
     vision = c["vision"] | {"drop_path_rate": 0.0}
-    return METER(vision, c["text"], A, width=W, heads=H, layers=N, dropout=0.0, itm=False,
-                 backend=backend).to(device, dtype).train()  # fmt: skip
+    return METER(vision, c["text"], A, width=W, heads=H, layers=N, dropout=0.0, itm=False, backend=backend,
+                 attn_backend=attn_backend).to(device, dtype).train()  # fmt: skip
 
 
-def _step(backend, sdpa=None):
+def _step(backend, sdpa=None, attn_backend="sdpa"):
     def fn(images, tokens, targets, spec):
-        model = _model(*spec, backend, images.device.type, images.dtype)
+        model = _model(*spec, backend, images.device.type, images.dtype, attn_backend)
         ctx = contextlib.nullcontext()
         if sdpa is not None:
             from torch.nn.attention import sdpa_kernel
@@ -84,6 +85,12 @@ def _only(device_kind):
     return lambda device: None if device == device_kind else f"runs on {device_kind} only"
 
 
+def _no_flash(device):
+    from florence.models.text import flash_attn_unavailable
+
+    return _only("cuda")(device) or flash_attn_unavailable()
+
+
 def providers(device: str) -> list[Provider]:
     from torch.nn.attention import SDPBackend
 
@@ -91,6 +98,7 @@ def providers(device: str) -> list[Provider]:
         Provider("reference", _step("reference"), modes=("full",)),
         Provider("fused", _step(None), modes=("full",)),
         Provider("sdpa_math", _step(None, SDPBackend.MATH), _only("cuda"), modes=("full",)),
+        Provider("fused+flash_attn", _step(None, attn_backend="flash_attn"), _no_flash, modes=("full",)),
     ]
 
 

@@ -1,6 +1,6 @@
 """Optional packages: what needs each, how to install it, and one clear error where it is absent.
 
-florence_kernels needs torch, einops and numpy only. Six parts of florence need a package that the GPU machine we
+florence_kernels needs torch, einops and numpy only. Seven parts of florence need a package that the GPU machine we
 target (torch 2.11, triton 3.6; see requirements-gpu-machine.txt) does not have:
 
 - ``open_clip``: CLIP's BPE tokenizer (``florence.Tokenizer``), hence curation (it counts BPE tokens to fit captions
@@ -18,6 +18,8 @@ target (torch 2.11, triton 3.6; see requirements-gpu-machine.txt) does not have:
 - ``pycocotools``: COCO's detection evaluation (``florence.eval.coco_evaluate``, the detection task's AP); we use
   COCOeval itself rather than a reimplementation: its matching rules (crowd regions, area ranges, 101-point
   interpolation) are what every published COCO AP means.
+- ``transformers``: RoBERTa as METER's text stream (``florence.models.roberta``, ``vqa.roberta``), the paper's text
+  encoder, read from a local folder; Florence's own text tower needs nothing.
 
 ``missing(name)`` says why a package cannot be used (None when it can); ``require(name, who)`` imports it or raises
 :class:`MissingOptionalDependency` (an ImportError) naming who needs it and the pinned install command. Tests skip
@@ -42,6 +44,8 @@ PACKAGES = {
     "pyarrow": ("pyarrow.parquet", "pyarrow==26.0.1", "Parquet input to curation (crawl metadata)"),
     "ray": ("ray.data", "ray[data]==2.60.0 pyarrow==26.0.1 pandas==3.1.1",
             "curation's distributed engine (python -m florence.data.curate --engine ray)"),
+    "transformers": ("transformers", "transformers==5.24.0 tokenizers==0.23.3",
+                     "RoBERTa as METER's text stream, from a local folder (florence.models.roberta)"),
 }  # fmt: skip
 
 
@@ -52,7 +56,7 @@ class MissingOptionalDependency(ImportError):
 @functools.cache
 def missing(name: str) -> str | None:
     """None when the optional package ``name`` (a PACKAGES key: "open_clip", "deepspeed", "dali", "av",
-    "pycocotools", "pyarrow", "ray") imports, else why it does not.
+    "pycocotools", "pyarrow", "ray", "transformers") imports, else why it does not.
 
     Raises ValueError for an unknown name. The import is tried once per process (a broken install, e.g. DALI
     without its CUDA libraries, counts as missing, with its error in the reason).

@@ -118,6 +118,12 @@ DEFAULTS = {
         "drop_path_rate": None,
         "eval_annotations": "test.json",  # the VQA-format questions in data.eval
         "eval_batch_size": 64,
+        # RoBERTa as the text stream, the paper's (florence.models.roberta): a local transformers folder (config.json,
+        # weights, tokenizer files; never downloaded), its questions cut at max_text_len tokens (METER's 40); null:
+        # Florence's text tower (from init, or from scratch)
+        "roberta": None,
+        "max_text_len": 40,
+        "attn_backend": "sdpa",  # the fusion's attention; "flash_attn": flash-attn's varlen kernel (CUDA, installed)
     },
 }
 

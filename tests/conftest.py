@@ -86,3 +86,29 @@ def pretrain_zero_steps(root, out, zero_stage: int = 0) -> None:
     run_train([f"data.shards={root / 'image_shards'}", "data.eval=null", "data.image_size=32", "data.loader=torch",
                "data.num_workers=0", "model=florence_cpu_test", "model_overrides.vision.drop_path_rate=0.0",
                "batch_size=16", "precision=fp32", f"zero_stage={zero_stage}", "steps=0"], out)  # fmt: skip
+
+
+def make_tiny_roberta(folder, seed: int = 0) -> str:
+    """A tiny RoBERTa in ``folder`` as transformers saves one (config.json, model.safetensors, the tokenizer's files):
+    byte-level BPE without merges (each UTF-8 byte one token), hidden 32, 2 layers, 2 heads, 64 positions; random
+    weights. What ``vqa.roberta`` and ``florence.models.roberta.load_roberta`` read, made here without a download."""
+    import json
+
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(256, 512))
+    byte_chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]  # GPT-2's byte -> unicode map
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *byte_chars, "<mask>"])}
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    RobertaTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")).save_pretrained(folder)
+    config = RobertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
+                           eos_token_id=2)  # fmt: skip
+    torch.manual_seed(seed)
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return str(folder)

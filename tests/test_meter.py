@@ -344,7 +344,7 @@ def test_the_benchmarks_cpu_case_runs_on_every_cpu_provider():
         images, tokens, targets, spec = case.make_inputs("cpu", torch.float32)
         loss = p.fn(images, tokens, targets, spec)
         loss.backward()
-        model = bench._model(*spec, None if p.name == "fused" else p.name, "cpu", torch.float32)
+        model = bench._model(*spec, None if p.name == "fused" else p.name, "cpu", torch.float32, "sdpa")
         assert model.visual.embeds[0].proj.weight.grad is not None
         losses[p.name] = loss.item()
     assert set(losses) == {"reference", "fused"}
@@ -364,3 +364,60 @@ def test_fusion_init_scales_with_fan_in():
         assert abs(std * layer.in_features**0.5 - 1) < 0.1, (name, std, layer.in_features)
         assert torch.count_nonzero(layer.bias) == 0, name
     assert abs(m.token_type.weight.std().item() - 0.02) < 0.005
+
+
+def _fake_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                 causal=False):  # fmt: skip
+    """flash-attn 2's flash_attn_varlen_func contract on the CPU (each packed row's queries attend to that row's keys
+    only), checking the packing it is given: int32 cu_seqlens from 0 to the packed totals, the longest lengths."""
+    for cu, packed, longest in ((cu_seqlens_q, q, max_seqlen_q), (cu_seqlens_k, k, max_seqlen_k)):
+        assert cu.dtype == torch.int32 and int(cu[0]) == 0 and int(cu[-1]) == packed.shape[0]
+        assert longest == int((cu[1:] - cu[:-1]).max()) and packed.dim() == 3
+    assert not causal and dropout_p == 0.0 and k.shape == v.shape
+    out = torch.empty_like(q)
+    for b in range(len(cu_seqlens_q) - 1):
+        (q0, q1), (k0, k1) = cu_seqlens_q[b : b + 2].tolist(), cu_seqlens_k[b : b + 2].tolist()
+        rows = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
+                                              v[k0:k1].transpose(0, 1))  # fmt: skip
+        out[q0:q1] = rows.transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("question_only", [False, True], ids=["meter", "question_only"])
+def test_flash_attn_varlen_backend_packs_the_padding_away(monkeypatch, question_only):
+    """attn_backend="flash_attn" through a stand-in for flash_attn_varlen_func (the real one needs CUDA; the GPU test
+    runs it): every real token's state and the logits equal SDPA's with its key mask, padded query rows are zero."""
+    import sys
+    import types
+
+    import florence.models.meter as meter
+
+    sdpa = _tiny(question_only=question_only)
+    flash = _tiny(question_only=question_only, attn_backend="flash_attn")
+    flash.load_state_dict(sdpa.state_dict())
+    tokens = _tokens(["how many digits are there?", "is there a seven?", "what digit is to the left of the three?"])
+    images = None if question_only else torch.randn(3, 3, 64, 64)
+    with pytest.raises(RuntimeError, match="attn_backend='flash_attn': "):  # no flash-attn (or no CUDA) here
+        flash(images, tokens)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(
+        flash_attn_varlen_func=_fake_flash_attn_varlen_func))  # fmt: skip
+    monkeypatch.setattr(meter, "flash_attn_unavailable", lambda x=None: None)
+    with torch.no_grad():
+        want, got = sdpa(images, tokens), flash(images, tokens)
+    real = torch.arange(want["text"].shape[1])[None] <= tokens.argmax(-1)[:, None]
+    torch.testing.assert_close(got["text"][real], want["text"][real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["vqa_logits"], want["vqa_logits"], rtol=1e-5, atol=1e-5)
+    if not question_only:
+        torch.testing.assert_close(got["image"], want["image"], rtol=1e-5, atol=1e-5)
+    layer = flash.text_layers[0].self_attn  # the padded query rows of one attention: zeros
+    x = torch.randn(2, 5, 32)
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    with torch.no_grad():
+        o = F.scaled_dot_product_attention  # (the raw attention, before the output projection)
+        q, k, v = (lin(x).view(2, 5, 4, 8) for lin in (layer.query, layer.key, layer.value))
+        packed = meter.flash_varlen_attention(q, k, v, mask, mask)
+        ref = o(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :])
+    assert torch.equal(packed[0, 3:], torch.zeros(2, 4, 8))
+    torch.testing.assert_close(packed[mask], ref.transpose(1, 2)[mask], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"attn_backend: expected one of \('sdpa', 'flash_attn'\), got 'xformers'"):
+        _tiny(attn_backend="xformers")

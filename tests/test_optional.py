@@ -42,6 +42,18 @@ def test_tokenizer_without_open_clip_names_the_install(without):
         florence.tokenizer.Tokenizer(77)
 
 
+def test_roberta_stream_without_transformers_names_the_install(without, tmp_path):
+    from florence.models.roberta import RobertaStream, RobertaTokens
+
+    without("transformers")
+    assert "pip install transformers==5.24.0" in optional.missing("transformers")
+    with pytest.raises(optional.MissingOptionalDependency, match=r"METER's RoBERTa text stream: transformers is not"):
+        RobertaStream({"model_type": "roberta"})
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ImportError, match="pip install transformers==5.24.0"):
+        RobertaTokens(str(tmp_path))(["is there a seven?"])
+
+
 def test_random_token_ids_need_no_tokenizer(without):
     without("open_clip")
     ids = florence.random_token_ids(3, 16, length=5, seed=0)

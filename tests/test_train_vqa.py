@@ -13,7 +13,7 @@ import torch
 
 from florence.tasks import get_task
 from florence.train import DEFAULTS, load_config
-from tests.conftest import REPO_ROOT, build_image_shards, pretrain_zero_steps, run_train
+from tests.conftest import REPO_ROOT, build_image_shards, make_tiny_roberta, pretrain_zero_steps, requires, run_train
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("open_clip")  # the tokenizer
@@ -100,6 +100,32 @@ def test_question_only_baseline_on_two_ranks(data, tmp_path):
     assert final["world_size"] == 2 and 0 <= final["accuracy"] <= 1
 
 
+@requires("transformers")
+def test_roberta_text_stream_from_a_local_folder_trains_and_evaluates(data, pretrained, tmp_path):
+    """vqa.roberta: the folder's RoBERTa (weights and tokenizer) as the text stream, CoSwin from --init."""
+    from florence.models import load_florence
+    from florence.models.roberta import load_roberta
+
+    folder = make_tiny_roberta(tmp_path / "roberta")
+    cfg = load_config(None, [f"data.shards={data / 'shards'}", "task=vqa", "model=florence_cpu_test",
+                             f"init={pretrained}", "vqa.width=32", "vqa.heads=4", "vqa.layers=1",
+                             f"vqa.roberta={folder}", "vqa.max_text_len=48"])  # fmt: skip
+    task = get_task("vqa")(cfg, "cpu")
+    model = task.build_model()
+    stream, _ = load_roberta(folder)
+    assert all(torch.equal(model.text.state_dict()[k], v) for k, v in stream.state_dict().items())
+    assert torch.equal(model.visual.embeds[0].proj.weight, load_florence(str(pretrained)).visual.embeds[0].proj.weight)
+    batch = next(iter(task.make_loader(0, 1, 8)))
+    assert batch["tokens"].shape == (8, 48) and (batch["tokens"][:, 0] == 0).all()  # RoBERTa's <s>, not CLIP's ids
+    proc = _vqa(data, tmp_path / "run", "steps=2", "checkpoint_interval=0", "eval_interval=0", f"vqa.roberta={folder}",
+                "vqa.max_text_len=48", "--init", str(pretrained))  # fmt: skip
+    assert "vqa accuracy:" in proc.stdout
+    assert 0 <= json.load(open(tmp_path / "run" / "final_metrics.json"))["accuracy"] <= 1
+    with pytest.raises(FileNotFoundError, match="vqa.roberta|roberta: .* is not a folder"):
+        get_task("vqa")(load_config(None, [f"data.shards={data / 'shards'}", "task=vqa", "vqa.roberta=roberta-base"]),
+                        "cpu").build_model()  # fmt: skip
+
+
 def test_demo_prints_the_headline_line_and_writes_its_summary(data, pretrained, tmp_path):
     config = tmp_path / "vqa.yaml"
     config.write_text(json.dumps({
@@ -151,6 +177,9 @@ def test_task_config_errors_name_the_key(data, tmp_path):
                                 ("mlp_ratio", "0", r"vqa.mlp_ratio: expected a positive number"),
                                 ("eval_batch_size", "0", r"vqa.eval_batch_size: expected an int >= 1"),
                                 ("question_only", "'yes'", r"vqa.question_only: expected true or false"),
+                                ("roberta", "3", r"vqa.roberta: expected null or the path of a local RoBERTa"),
+                                ("max_text_len", "1", r"vqa.max_text_len: expected an int >= 2"),
+                                ("attn_backend", "flash", r"vqa.attn_backend: expected one of \('sdpa', 'flash_attn'"),
                                 ("questions_only", "true", r"vqa: unknown keys \['questions_only'\]")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             load_config(None, [f"data.shards={data / 'shards'}", "task=vqa", f"vqa.{key}={value}"])

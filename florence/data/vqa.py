@@ -679,11 +679,12 @@ class VQALoader(DetectionLoader):
     question) pairs in ``self.entries`` instead of the images; ``set_epoch`` (its own) keeps each image's questions
     together."""
 
-    def __init__(self, images: DetectionLoader, data_dir: str, context_length: int, decode_images: bool = True):
+    def __init__(self, images: DetectionLoader, data_dir: str, context_length: int, decode_images: bool = True,
+                 tokenizer=None):  # fmt: skip
         from florence.data.loader import load_manifest
 
         vars(self).update(vars(images))  # the image loader's settings, shard index and decoder
-        self.context_length = context_length
+        self.context_length, self.tokenizer = context_length, tokenizer
         self.answers = load_manifest(data_dir)["answers"]
         self.vocab_index = {a: i for i, a in enumerate(self.answers)}
         self.images = self.entries  # (shard path, key, jpg offset, jpg size, json offset, json size) per image
@@ -713,8 +714,6 @@ class VQALoader(DetectionLoader):
 
     def batch(self, b: int) -> dict:
         """Batch ``b`` of the current epoch (each image of the batch decoded and resized once)."""
-        from florence.tokenizer import tokenize
-
         units = [self.entries[p] for p in self.positions[b * self.batch_size : (b + 1) * self.batch_size]]
         unique = list(dict.fromkeys(i for i, _ in units))
         placed = None
@@ -733,40 +732,60 @@ class VQALoader(DetectionLoader):
         questions = [self.metas[i]["questions"][j] for i, j in units]
         answers = [q["answers"] for q in questions]
         return {"images": placed, "image_index": torch.tensor([where[i] for i, _ in units], dtype=torch.int64),
-                "tokens": tokenize([q["question"] for q in questions], self.context_length),
+                "tokens": question_tokens([q["question"] for q in questions], self.context_length, self.tokenizer),
                 "targets": _targets(answers, self.vocab_index),
                 "question_ids": torch.tensor([q["question_id"] for q in questions], dtype=torch.int64),
                 "image_ids": torch.tensor([self.metas[i]["image_id"] for i, _ in units], dtype=torch.int64),
                 "question_types": [q["question_type"] for q in questions], "answers": answers}  # fmt: skip
 
 
-def _check_context_length(context_length) -> None:
+def _check_context_length(context_length, tokenizer=None) -> None:
     from florence.tokenizer import get_tokenizer
 
-    get_tokenizer(context_length=context_length)  # ValueError for a bad length; needs open_clip (ImportError naming it)
+    if tokenizer is None:  # ValueError for a bad length; needs open_clip (ImportError naming it)
+        get_tokenizer(context_length=context_length)
+    elif not callable(tokenizer):
+        raise ValueError(f"tokenizer: expected None (CLIP's BPE) or a callable list[str] -> int64 (B, L), got "
+                         f"{type(tokenizer).__name__}")  # fmt: skip
+
+
+def question_tokens(texts: list[str], context_length: int, tokenizer=None) -> torch.Tensor:
+    """int64 (len(texts), L): CLIP's BPE at ``context_length`` (``florence.tokenizer.tokenize``) when ``tokenizer``
+    is None, else ``tokenizer(texts)`` (e.g. ``florence.models.roberta.RobertaTokens``: RoBERTa's ids at its
+    ``max_length``). ValueError for a tokenizer whose output is not (len(texts), L) integers."""
+    if tokenizer is None:
+        from florence.tokenizer import tokenize
+
+        return tokenize(texts, context_length)
+    ids = tokenizer(texts)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or len(ids) != len(texts) or ids.dtype not in (
+            torch.int64, torch.int32):  # fmt: skip
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"tokenizer: expected int64 ({len(texts)}, L) ids for {len(texts)} questions, got {got}")
+    return ids.to(torch.int64)
 
 
 def make_vqa_loader(data_dir: str, batch_size: int, size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                     train: bool = True, drop_last: bool = True, backend: str = "auto", split: str = "global_batch",
                     context_length: int = 32, num_threads: int | None = None,
-                    decode_images: bool = True) -> VQALoader:  # fmt: skip
-    """A loader of question batches from curated shards (``curate_vqa``; module docstring): {"images": float32 (N,
-    3, size, size) (each image of the batch once; None with ``decode_images=False``, for the question-only model),
+                    decode_images: bool = True, tokenizer=None) -> VQALoader:  # fmt: skip
+    """A loader of question batches from curated shards (``curate_vqa``; module docstring): {"images": float32 (N, 3,
+    size, size) (each image of the batch once; None with ``decode_images=False``, for the question-only model),
     "image_index": int64 (B,) (question b's row in "images"), "tokens": int64 (B, context_length) (CLIP BPE,
-    ``florence.tokenizer.tokenize``), "targets": float32 (B, A) soft scores over the manifest's A answers
-    (``soft_scores``), "question_ids" and "image_ids": int64 (B,), "question_types": [str] * B, "answers": [[str]] *
-    B (the human answers)}. ``train``: a new seeded order every epoch (``set_epoch``: the images permuted, each
-    image's questions together, so that with ``split="global_batch"`` a rank's batch of B questions about canvases
-    with k questions each holds about B / k + 1 images: a canvas at a batch's or a rank's edge is read on both
-    sides), else the shards' order; ``split``: "global_batch" (rank r takes the r-th slice of each global batch) or
-    "rank" (positions r, r + world_size, ...: this interleaves an image's questions over the ranks). backend "auto"
-    takes DALI where it imports, else PIL ("torch"); ``num_threads`` is DALI's. Raises ValueError naming a bad argument;
-    the tokenizer needs open_clip (florence.optional's ImportError names it)."""
-    _check_context_length(context_length)
+    ``florence.tokenizer.tokenize``; with ``tokenizer``, its ids: :func:`question_tokens`), "targets": float32 (B, A)
+    soft scores over the manifest's A answers (``soft_scores``), "question_ids" and "image_ids": int64 (B,),
+    "question_types": [str] * B, "answers": [[str]] * B (the human answers)}. ``train``: a new seeded order every epoch
+    (``set_epoch``: the images permuted, each image's questions together, so that with ``split="global_batch"`` a rank's
+    batch of B questions about canvases with k questions each holds about B / k + 1 images: a canvas at a batch's or a
+    rank's edge is read on both sides), else the shards' order; ``split``: "global_batch" (rank r takes the r-th slice
+    of each global batch) or "rank" (positions r, r + world_size, ...: this interleaves an image's questions over the
+    ranks). backend "auto" takes DALI where it imports, else PIL ("torch"); ``num_threads`` is DALI's. Raises ValueError
+    naming a bad argument; CLIP's tokenizer needs open_clip (florence.optional's ImportError names it)."""
+    _check_context_length(context_length, tokenizer)
     images = make_detection_loader(data_dir, batch_size, size, rank=rank, world_size=world_size, seed=seed,
                                    train=train, drop_last=drop_last, backend=backend, split=split,
                                    num_threads=num_threads)  # fmt: skip
-    return VQALoader(images, data_dir, context_length, decode_images)
+    return VQALoader(images, data_dir, context_length, decode_images, tokenizer)
 
 
 def read_answer_vocab(path: str) -> list[str]:
@@ -776,21 +795,21 @@ def read_answer_vocab(path: str) -> list[str]:
 
 
 def load_vqa_eval_set(folder: str, size: int, annotations: str = "test.json", answer_vocab: list[str] | None = None,
-                      backend: str = "auto", context_length: int = 32) -> dict:  # fmt: skip
+                      backend: str = "auto", context_length: int = 32, tokenizer=None) -> dict:  # fmt: skip
     """The questions of a raw folder (a VQA-format file and its images) for evaluation, images resized as the loader
-    resizes them: {"images": float32 (N, 3, size, size) (each image once, the file's order), "image_ids": int64
-    (N,), and per question, the file's order: "image_index": int64 (Q,) (its image's row in "images"), "tokens":
-    int64 (Q, context_length), "question_ids": int64 (Q,), "question_types": [str] * Q, "answers": [[str]] * Q,
-    "targets": float32 (Q, A) soft scores over ``answer_vocab``, "answer_vocab": the A answers (default: the
-    folder's answers.json, the training answers), "annotations": the file's absolute path}. Raises ValueError for
-    a bad size or backend, or a question naming an unknown image id; FileNotFoundError for a missing file."""
+    resizes them: {"images": float32 (N, 3, size, size) (each image once, the file's order), "image_ids": int64 (N,),
+    and per question, the file's order: "image_index": int64 (Q,) (its image's row in "images"), "tokens": int64 (Q,
+    context_length) (:func:`question_tokens` with ``tokenizer``), "question_ids": int64 (Q,), "question_types": [str] *
+    Q, "answers": [[str]] * Q, "targets": float32 (Q, A) soft scores over ``answer_vocab``, "answer_vocab": the A
+    answers (default: the folder's answers.json, the training answers), "annotations": the file's absolute path}. Raises
+    ValueError for a bad size or backend, or a question naming an unknown image id; FileNotFoundError for a missing
+    file."""
     from florence.data.curate import native_path
-    from florence.tokenizer import tokenize
 
     if not _is_int(size) or size < 8:
         raise ValueError(f"size: expected an int >= 8, got {size!r}")
     backend = _resolve_backend(backend)
-    _check_context_length(context_length)
+    _check_context_length(context_length, tokenizer)
     path = os.path.abspath(os.path.join(folder, annotations))
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
@@ -814,7 +833,7 @@ def load_vqa_eval_set(folder: str, size: int, annotations: str = "test.json", an
     answers = [[a["answer"] for a in q["answers"]] for q in questions]
     return {"images": torch.from_numpy(images), "image_ids": torch.tensor([r["id"] for r in rows], dtype=torch.int64),
             "image_index": torch.tensor([index_of[q["image_id"]] for q in questions], dtype=torch.int64),
-            "tokens": tokenize([q["question"] for q in questions], context_length),
+            "tokens": question_tokens([q["question"] for q in questions], context_length, tokenizer),
             "question_ids": torch.tensor([q["question_id"] for q in questions], dtype=torch.int64),
             "question_types": [q.get("question_type", "unknown") for q in questions], "answers": answers,
             "targets": _targets(answers, {a: i for i, a in enumerate(answer_vocab)}),

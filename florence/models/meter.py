@@ -12,6 +12,11 @@ Streams:
   Linear(text width, width) + token type 0; the positions after each row's end-of-text token (the row's largest
   id, CLIP's convention; CLIP's tokenizer pads with 0) are masked out of every attention over text, and the batch is
   cut after its longest question (the causal tower's states up to there do not depend on the padding).
+  Or, as in the paper, RoBERTa (``text={"roberta": <RobertaConfig dict>}``, :mod:`florence.models.roberta`, from a
+  local folder through transformers; :meth:`METER.from_florence` with ``roberta=PATH``): its every token state,
+  bidirectional, with RoBERTa's own ids (``RobertaTokens``: ``<s> ... </s>`` then its pad id); a token equal to
+  the pad id is padding (masked out of every attention over text, and of RoBERTa's own), the batch is cut after its
+  longest question.
 
 Fusion: ``layers`` co-attention layers per stream (:class:`CoAttentionLayer`, METER's BertCrossLayer): self-attention
 -> cross-attention (queries from its own stream, keys and values from the other stream's previous-layer states, the
@@ -21,11 +26,11 @@ BERT's). Both streams update in parallel from the previous layer's states. Atten
 weight (softmax of -inf); on a GPU, SDPA dispatches to its fused (memory-efficient / flash) kernels.
 
 Pooling (METER's poolers): text = tanh(Linear(the end-of-text token's state)); image = tanh(Linear(mean of the image
-tokens)); METER pools BERT's first token ([CLS]), which has read the whole question in its bidirectional encoder;
-in Florence's causal text tower the first token has read nothing and the end-of-text token everything (CLIP pools
-there too); pooled = concat(text, image): (B, 2 width). Heads: VQA (METER's vqa_classifier: Linear(2w, 2w) ->
-LayerNorm -> GELU -> Linear(2w, num_answers), trained with binary cross-entropy on VQA's soft scores, times the
-number of answers as METER does: :func:`vqa_loss`) and image-text matching (Linear(2w, 2)).
+tokens)); METER pools BERT's first token ([CLS]), which has read the whole question in its bidirectional encoder, and so
+does the RoBERTa stream (``<s>``); in Florence's causal text tower the first token has read nothing and the end-of-text
+token everything (CLIP pools there too); pooled = concat(text, image): (B, 2 width). Heads: VQA (METER's vqa_classifier:
+Linear(2w, 2w) -> LayerNorm -> GELU -> Linear(2w, num_answers), trained with binary cross-entropy on VQA's soft scores,
+times the number of answers as METER does: :func:`vqa_loss`) and image-text matching (Linear(2w, 2)).
 
 ``question_only=True`` builds the question-only baseline: no image tower and no cross-attention (each layer is
 self-attention -> feed-forward), pooled = the text pooler's output (B, width), the same VQA head on width inputs.
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .coswin import CoSwin
-from .text import TextTransformer
+from .text import ATTN_BACKENDS, TextTransformer, flash_attn_unavailable
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -72,30 +77,71 @@ def sincos_2d(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> tor
     return torch.cat(parts, dim=1).to(dtype)
 
 
+def _unpad(x: torch.Tensor, mask: torch.Tensor | None):
+    """(B, L, ...) and a (B, L) bool mask (None: all real) -> (the real rows packed (total, ...), cu_seqlens int32
+    (B + 1,) (each row's start in the packing, then the total), the longest row's length, the packed rows' flat
+    indices in (B L)): flash-attn's varlen layout."""
+    B, L = x.shape[:2]
+    if mask is None:
+        mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    return x.reshape(B * L, *x.shape[2:])[index], cu, int(lengths.max()) if B else 0, index
+
+
+def flash_varlen_attention(q, k, v, query_mask=None, key_mask=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention through flash-attn's ``flash_attn_varlen_func`` on padded batches: q (B, Lq, h, d), k, v (B, Lk, h,
+    d), masks (B, L) bool (True = a real token; None = all real) -> (B, Lq, h, d). The real queries and keys of each
+    row are packed one after another (``cu_seqlens``), so no padded key is read (exactly zero weight) and no work is
+    spent on padding; the padded query rows come back as zeros (their states are masked out of every later read)."""
+    from flash_attn import flash_attn_varlen_func
+
+    B, Lq, h, d = q.shape
+    qp, cu_q, max_q, index = _unpad(q, query_mask)
+    kp, cu_k, max_k, k_index = _unpad(k, key_mask)
+    vp = v.reshape(-1, h, d)[k_index]
+    o = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p, causal=False)
+    return q.new_zeros(B * Lq, h, d).index_copy(0, index, o.to(q.dtype)).view(B, Lq, h, d)
+
+
 class Attention(nn.Module):
-    """Multi-head attention with separate q, k, v and output projections (BERT's layout), through SDPA.
+    """Multi-head attention with separate q, k, v and output projections (BERT's layout), through SDPA
+    (``attn_backend="sdpa"``) or flash-attn's varlen kernel (``"flash_attn"``: CUDA fp16/bf16, where the flash-attn
+    package is installed; :func:`flash_varlen_attention`).
 
-    forward(x (B, Lq, w), context (B, Lk, w), key_mask (B, Lk) bool or None: True = attend) -> (B, Lq, w). A query
-    whose keys are all masked would have no distribution to take; the callers never build one (text keeps its
-    start token, images have no padding)."""
+    forward(x (B, Lq, w), context (B, Lk, w), key_mask (B, Lk) bool or None: True = attend, query_mask (B, Lq) bool
+    or None: x's real tokens, read by flash-attn only, which skips the others) -> (B, Lq, w). A query whose keys are
+    all masked would have no distribution to take; the callers never build one (text keeps its start token, images
+    have no padding). RuntimeError naming the reason when flash-attn cannot run on the inputs."""
 
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, attn_backend: str = "sdpa"):
         super().__init__()
         if width % heads:
             raise ValueError(f"heads: {heads} does not divide the width {width}")
-        self.heads, self.dropout = heads, dropout
+        if attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend: expected one of {ATTN_BACKENDS}, got {attn_backend!r}")
+        self.heads, self.dropout, self.attn_backend = heads, dropout, attn_backend
         self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
         self.out = nn.Linear(width, width)
 
-    def forward(self, x, context, key_mask=None):
+    def forward(self, x, context, key_mask=None, query_mask=None):
         B, Lq, W = x.shape
         Lk, h = context.shape[1], self.heads
-        q = self.query(x).view(B, Lq, h, W // h).transpose(1, 2)
-        k = self.key(context).view(B, Lk, h, W // h).transpose(1, 2)
-        v = self.value(context).view(B, Lk, h, W // h).transpose(1, 2)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(o.transpose(1, 2).reshape(B, Lq, W))
+        q = self.query(x).view(B, Lq, h, W // h)
+        k = self.key(context).view(B, Lk, h, W // h)
+        v = self.value(context).view(B, Lk, h, W // h)
+        dropout = self.dropout if self.training else 0.0
+        if self.attn_backend == "flash_attn":
+            reason = flash_attn_unavailable(q)
+            if reason:
+                raise RuntimeError(f"attn_backend='flash_attn': {reason}")
+            o = flash_varlen_attention(q, k, v, query_mask, key_mask, dropout)
+        else:
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout).transpose(1, 2)
+        return self.out(o.reshape(B, Lq, W))
 
 
 class CoAttentionLayer(nn.Module):
@@ -108,13 +154,14 @@ class CoAttentionLayer(nn.Module):
     forward(x (B, L, w), x_mask (B, L) bool or None, other (B, L', w) or None, other_mask (B, L') or None) ->
     (B, L, w). Parameters: :func:`coattention_param_count`."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.1, cross: bool = True):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.1, cross: bool = True,
+                 attn_backend: str = "sdpa"):  # fmt: skip
         super().__init__()
-        self.self_attn = Attention(width, heads, dropout)
+        self.self_attn = Attention(width, heads, dropout, attn_backend)
         self.ln1 = nn.LayerNorm(width)
         self.cross = cross
         if cross:
-            self.cross_attn = Attention(width, heads, dropout)
+            self.cross_attn = Attention(width, heads, dropout, attn_backend)
             self.ln2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
@@ -122,9 +169,9 @@ class CoAttentionLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, x_mask=None, other=None, other_mask=None):
-        x = self.ln1(x + self.drop(self.self_attn(x, x, x_mask)))
+        x = self.ln1(x + self.drop(self.self_attn(x, x, x_mask, x_mask)))
         if self.cross:
-            x = self.ln2(x + self.drop(self.cross_attn(x, other, other_mask)))
+            x = self.ln2(x + self.drop(self.cross_attn(x, other, other_mask, x_mask)))
         return self.ln3(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
 
@@ -132,28 +179,34 @@ class METER(nn.Module):
     """METER's co-attention model on a CoSwin image tower and Florence's text tower (see the module docstring).
 
     Args:
-        vision, text: the towers' configs (``florence.models.get_config(name)["vision"]`` / ``["text"]``).
+        vision, text: the towers' configs (``florence.models.get_config(name)["vision"]`` / ``["text"]``); ``text``
+            may instead be ``{"roberta": config}`` (a RobertaConfig's ``to_dict()``): RoBERTa as the text stream
+            (:mod:`florence.models.roberta`; its weights come from :meth:`from_florence` or a saved METER).
         num_answers: the VQA answer vocabulary's size (>= 1).
         width, heads, layers, mlp_ratio, dropout: the fusion (METER: 768, 12, 6, 4, 0.1).
         question_only: the question-only baseline (no image tower, no cross-attention).
         itm: build the image-text matching head (fine-tuning on VQA alone leaves it out: a parameter without a
             gradient stalls DeepSpeed's reductions).
         backend: florence_kernels backend of CoSwin's ops.
+        attn_backend: the fusion's attention: "sdpa" (default, any device) or "flash_attn" (flash-attn's varlen
+            kernel: CUDA fp16/bf16 where the package is installed; padding is packed away, not masked).
 
-    ``forward(images, tokens, image_index=None)``: images (N, 3, H, W) float (None when question_only), tokens (B,
-    L) int (CLIP BPE, zero-padded after each row's end-of-text token), image_index (B,) int: question b asks about
-    images[image_index[b]] (None: N = B, one image per question). Each image goes through the image tower once
-    however many questions share it (a VQA canvas has several). Returns {"text": (B, L', width) with L' = the
-    batch's longest question through its end-of-text token (the positions after it are padding, cut: the causal
-    tower's states up to L' are those of the full context), "image": (B, h w, width) (absent when question_only),
-    "pooled": (B, 2 width) (question_only: (B, width)), "vqa_logits": (B, num_answers), "itm_logits": (B, 2) (only
-    with itm)}. ValueError for images that are not (N, 3, H, W) with H, W multiples of 32, tokens that are not (B,
-    L >= 1) integers, N != B without image_index, or an image_index that is not (B,) integers in [0, N).
+    ``forward(images, tokens, image_index=None)``: images (N, 3, H, W) float (None when question_only), tokens (B, L)
+    int (CLIP BPE, zero-padded after each row's end-of-text token; with RoBERTa its ids, each row starting with ``<s>``
+    and padded with its pad id), image_index (B,) int: question b asks about images[image_index[b]] (None: N = B, one
+    image per question). Each image goes through the image tower once however many questions share it (a VQA canvas has
+    several). Returns {"text": (B, L', width) with L' = the batch's longest question through its end-of-text token (the
+    positions after it are padding, cut: the causal tower's states up to L' are those of the full context; with RoBERTa
+    through its last token that is not the pad id), "image": (B, h w, width) (absent when question_only), "pooled": (B,
+    2 width) (question_only: (B, width)), "vqa_logits": (B, num_answers), "itm_logits": (B, 2) (only with itm)}.
+    ValueError for images that are not (N, 3, H, W) with H, W multiples of 32, tokens that are not (B, L >= 1) integers
+    (with RoBERTa: or a row that starts with the pad id), N != B without image_index, or an image_index that is not (B,)
+    integers in [0, N).
     """
 
     def __init__(self, vision: dict, text: dict, num_answers: int, width: int = 768, heads: int = 12,
                  layers: int = 6, mlp_ratio: float = 4.0, dropout: float = 0.1, question_only: bool = False,
-                 itm: bool = True, backend: str | None = None):  # fmt: skip
+                 itm: bool = True, backend: str | None = None, attn_backend: str = "sdpa"):  # fmt: skip
         super().__init__()
         for name, value, low in (("num_answers", num_answers, 1), ("width", width, 4), ("heads", heads, 1),
                                  ("layers", layers, 0)):  # fmt: skip
@@ -162,16 +215,28 @@ class METER(nn.Module):
         if width % 4 or width % heads:
             raise ValueError(f"width: {width} must be a multiple of 4 (the 2D position embedding) and of heads {heads}")
         vision = {k: v for k, v in dict(vision).items() if k != "backend"}
+        text = dict(text)
+        self.roberta = "roberta" in text
+        if self.roberta and set(text) != {"roberta"}:
+            raise ValueError(f"text: a RoBERTa stream is {{'roberta': config}} alone, got the keys {sorted(text)}")
         self.config = {"vision": vision, "text": dict(text), "num_answers": num_answers, "width": width,
                        "heads": heads, "layers": layers, "mlp_ratio": mlp_ratio, "dropout": dropout,
                        "question_only": question_only, "itm": itm and not question_only}  # fmt: skip
+        if attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend: expected one of {ATTN_BACKENDS}, got {attn_backend!r}")
         self.question_only, self.width, self.backend = question_only, width, backend
-        self.text = TextTransformer(**text)
+        if self.roberta:
+            from .roberta import RobertaStream
+
+            self.text = RobertaStream(text["roberta"])
+            self.config["text"] = {"roberta": self.text.config}
+        else:
+            self.text = TextTransformer(**text)
         self.text_proj = nn.Linear(self.text.width, width)
         self.token_type = nn.Embedding(2, width)
         cross = not question_only
         self.text_layers = nn.ModuleList(
-            CoAttentionLayer(width, heads, mlp_ratio, dropout, cross) for _ in range(layers)
+            CoAttentionLayer(width, heads, mlp_ratio, dropout, cross, attn_backend) for _ in range(layers)
         )
         self.text_pooler = nn.Linear(width, width)
         if not question_only:
@@ -180,7 +245,8 @@ class METER(nn.Module):
             # so that every parameter gets a gradient (DeepSpeed's reductions expect that).
             self.visual.pyramid_norms = nn.ModuleList(nn.Identity() for _ in self.visual.pyramid_norms)
             self.image_proj = nn.Linear(self.visual.num_features, width)
-            self.image_layers = nn.ModuleList(CoAttentionLayer(width, heads, mlp_ratio, dropout) for _ in range(layers))
+            self.image_layers = nn.ModuleList(CoAttentionLayer(width, heads, mlp_ratio, dropout, True, attn_backend)
+                                              for _ in range(layers))  # fmt: skip
             self.image_pooler = nn.Linear(width, width)
         if self.config["itm"]:
             self.itm_head = nn.Linear(2 * width, 2)
@@ -214,16 +280,22 @@ class METER(nn.Module):
             nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_florence(cls, florence, num_answers: int, vision_overrides: dict | None = None, **kwargs) -> METER:
+    def from_florence(cls, florence, num_answers: int, vision_overrides: dict | None = None, roberta=None,
+                      **kwargs) -> METER:  # fmt: skip
         """METER on a pretrained Florence's towers (``florence.visual`` and ``florence.text`` weights copied; the
         CoSwin pyramid norms and the contrastive projections are not used); the fusion and heads are fresh. With
-        ``question_only=True`` only the text tower is copied."""
+        ``question_only=True`` only the text tower is copied. ``roberta``: a :class:`~florence.models.roberta.
+        RobertaStream` (``load_roberta``'s, weights included) as the text stream instead of Florence's; ``florence``
+        may then be None (a CoSwin from scratch, with ``vision_overrides`` the whole vision config)."""
         from .florence import load_state_dict_strict
 
-        model = cls(florence.visual.config | dict(vision_overrides or {}), florence.config["text"], num_answers,
-                    **kwargs)  # fmt: skip
-        load_state_dict_strict(model.text, florence.text.state_dict(), source="florence.text")
-        if not model.question_only:
+        vision = (florence.visual.config if florence is not None else {}) | dict(vision_overrides or {})
+        text = {"roberta": roberta.config} if roberta is not None else florence.config["text"]
+        model = cls(vision, text, num_answers, **kwargs)
+        source = roberta if roberta is not None else florence.text
+        load_state_dict_strict(model.text, source.state_dict(), source="roberta" if roberta is not None else
+                               "florence.text")  # fmt: skip
+        if florence is not None and not model.question_only:
             state = {k: v for k, v in florence.visual.state_dict().items() if not k.startswith("pyramid_norms.")}
             load_state_dict_strict(model.visual, state, source="florence.visual")
         return model
@@ -240,6 +312,10 @@ class METER(nn.Module):
         if tokens.shape[1] == 0:
             raise ValueError(f"tokens: expected at least one position (the end-of-text token), got "
                              f"{tuple(tokens.shape)}")  # fmt: skip
+        if self.roberta and len(tokens) and bool((tokens[:, 0] == self.text.pad_token_id).any()):
+            row = int((tokens[:, 0] == self.text.pad_token_id).nonzero()[0, 0])
+            raise ValueError(f"tokens: row {row} starts with RoBERTa's pad id {self.text.pad_token_id} (expected <s> "
+                             "first: RobertaTokens' ids)")  # fmt: skip
         if self.question_only:
             return
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
@@ -268,11 +344,23 @@ class METER(nn.Module):
         # The real tokens: up to each row's end-of-text token (the largest id, CLIP's convention, as the text tower
         # pools). The causal tower's states there do not depend on later positions, so the batch is cut after its
         # longest question: the same states, (context - L') fewer positions in every layer.
-        eot = tokens.argmax(dim=-1)
-        length = int(eot.max()) + 1 if len(eot) else 1
-        tokens = tokens[:, :length]
-        text_mask = torch.arange(length, device=tokens.device)[None] <= eot[:, None]
-        t = self.text_proj(self.text.forward_tokens(tokens)) + self.token_type.weight[0]
+        if self.roberta:  # RoBERTa's ids: padding is its pad id; pooled at <s>, the first token (METER's [CLS])
+            real = tokens != self.text.pad_token_id
+            last = torch.where(real, torch.arange(tokens.shape[1], device=tokens.device), -1).amax(dim=-1)
+            length = int(last.max()) + 1 if len(last) else 1
+            if length > self.text.context_length:
+                raise ValueError(f"tokens: questions of {length} tokens, more than RoBERTa's "
+                                 f"{self.text.context_length} positions")  # fmt: skip
+            tokens, text_mask = tokens[:, :length], real[:, :length]
+            pool_at = torch.zeros(len(tokens), dtype=torch.int64, device=tokens.device)
+            states = self.text.forward_tokens(tokens, text_mask)
+        else:
+            pool_at = tokens.argmax(dim=-1)  # the end-of-text token
+            length = int(pool_at.max()) + 1 if len(pool_at) else 1
+            tokens = tokens[:, :length]
+            text_mask = torch.arange(length, device=tokens.device)[None] <= pool_at[:, None]
+            states = self.text.forward_tokens(tokens)
+        t = self.text_proj(states) + self.token_type.weight[0]
         out = {}
         if self.question_only:
             for layer in self.text_layers:
@@ -287,7 +375,7 @@ class METER(nn.Module):
             for text_layer, image_layer in zip(self.text_layers, self.image_layers, strict=True):
                 t, v = text_layer(t, text_mask, v, None), image_layer(v, None, t, text_mask)
             out["image"] = v
-        pooled = torch.tanh(self.text_pooler(t[torch.arange(t.shape[0], device=t.device), eot]))
+        pooled = torch.tanh(self.text_pooler(t[torch.arange(t.shape[0], device=t.device), pool_at]))
         if not self.question_only:
             pooled = torch.cat([pooled, torch.tanh(self.image_pooler(v.mean(dim=1)))], dim=-1)
         if self.config["itm"]:

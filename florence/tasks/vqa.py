@@ -1,6 +1,8 @@
 """Task "vqa": METER's co-attention fusion on Florence's towers (Florence section 3.3, the vision-language adapter;
 florence.models.meter) fine-tuned for visual question answering, from a pretrained Florence (``init``: both towers)
-or from scratch; ``vqa.question_only`` trains the question-only baseline (no image tower).
+or from scratch; ``vqa.question_only`` trains the question-only baseline (no image tower). ``vqa.roberta`` (a local
+transformers folder) puts RoBERTa, METER's own text encoder, in place of Florence's text tower (its weights from the
+folder, the questions through its tokenizer at ``vqa.max_text_len`` tokens; the image tower still from ``init``).
 
 Model: :class:`florence.models.METER` (``vqa.width``, ``heads``, ``layers``, ``mlp_ratio``, ``dropout``), the
 towers' configs from ``model`` (or from ``init``). Data: the curated VQA shards (``florence.data.vqa``: one sample
@@ -69,6 +71,15 @@ class VQATask(Task):
             raise ValueError(f"vqa.mlp_ratio: expected a positive number, got {v.get('mlp_ratio')!r}")
         if not isinstance(v.get("question_only"), bool):
             raise ValueError(f"vqa.question_only: expected true or false, got {v.get('question_only')!r}")
+        if v.get("roberta") is not None and not isinstance(v["roberta"], str):
+            raise ValueError(f"vqa.roberta: expected null or the path of a local RoBERTa folder, got {v['roberta']!r}")
+        from florence.models.text import ATTN_BACKENDS
+
+        if v.get("attn_backend") not in ATTN_BACKENDS:
+            raise ValueError(f"vqa.attn_backend: expected one of {ATTN_BACKENDS}, got {v.get('attn_backend')!r}")
+        value = v.get("max_text_len")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            raise ValueError(f"vqa.max_text_len: expected an int >= 2 (RoBERTa's <s> and </s>), got {value!r}")
 
     def answers(self) -> list[str]:
         """The answer vocabulary of the training shards (logit k = answers[k])."""
@@ -82,13 +93,23 @@ class VQATask(Task):
 
     def _kwargs(self) -> dict:
         v = self.cfg["vqa"]
-        kw = {k: v[k] for k in ("width", "heads", "layers", "mlp_ratio", "dropout", "question_only")}
+        kw = {k: v[k] for k in ("width", "heads", "layers", "mlp_ratio", "dropout", "question_only", "attn_backend")}
         return kw | {"itm": False, "backend": self.cfg["backend"]}
 
     def _context_length(self) -> int:
         from florence.models import get_config
 
+        if self.cfg["vqa"]["roberta"]:
+            return self.cfg["vqa"]["max_text_len"]
         return int(get_config(self.cfg["model"])["text"]["context_length"])
+
+    def _tokenizer(self):
+        """None (CLIP's BPE, Florence's text tower) or the RoBERTa folder's ``RobertaTokens``."""
+        if not self.cfg["vqa"]["roberta"]:
+            return None
+        from florence.models.roberta import RobertaTokens
+
+        return RobertaTokens(self.cfg["vqa"]["roberta"], self.cfg["vqa"]["max_text_len"])
 
     def build_model(self):
         from florence.models import METER, get_config, load_florence
@@ -96,10 +117,18 @@ class VQATask(Task):
         cfg, v = self.cfg, self.cfg["vqa"]
         vision = {} if v.get("drop_path_rate") is None else {"drop_path_rate": v["drop_path_rate"]}
         num_answers = len(self.answers())
-        if cfg.get("init"):
-            return METER.from_florence(load_florence(cfg["init"]), num_answers, vision, **self._kwargs())
         base = get_config(cfg["model"])
         overrides = cfg.get("model_overrides") or {}
+        if v["roberta"]:
+            from florence.models.roberta import load_roberta
+
+            stream, _ = load_roberta(v["roberta"], v["max_text_len"])
+            florence = load_florence(cfg["init"]) if cfg.get("init") else None
+            if florence is None:
+                vision = base["vision"] | overrides.get("vision", {}) | vision
+            return METER.from_florence(florence, num_answers, vision, roberta=stream, **self._kwargs())
+        if cfg.get("init"):
+            return METER.from_florence(load_florence(cfg["init"]), num_answers, vision, **self._kwargs())
         return METER(base["vision"] | overrides.get("vision", {}) | vision, base["text"] | overrides.get("text", {}),
                      num_answers, **self._kwargs())  # fmt: skip
 
@@ -122,7 +151,7 @@ class VQATask(Task):
         cfg, d = self.cfg, self.cfg["data"]
         return make_vqa_loader(d["shards"], per_rank, d["image_size"], rank=rank, world_size=world, seed=cfg["seed"],
                                train=True, drop_last=True, backend=d["loader"], split="global_batch",
-                               context_length=self._context_length(),
+                               context_length=self._context_length(), tokenizer=self._tokenizer(),
                                decode_images=not cfg["vqa"]["question_only"])  # fmt: skip
 
     def train_step(self, engine, batch, chunk, autocast):
@@ -149,7 +178,7 @@ class VQATask(Task):
             return None
         return load_vqa_eval_set(d["eval"], d["image_size"], annotations=self.cfg["vqa"]["eval_annotations"],
                                  answer_vocab=self.answers(), backend=d["loader"],
-                                 context_length=self._context_length())  # fmt: skip
+                                 context_length=self._context_length(), tokenizer=self._tokenizer())  # fmt: skip
 
     @torch.no_grad()
     def evaluate(self, engine, eval_set, autocast):

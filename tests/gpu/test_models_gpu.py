@@ -43,3 +43,22 @@ def test_gpu_fused_model_matches_reference(dtype):
     atol = 1e-4 if dtype == torch.float32 else 2e-2
     for i, (o, r, t) in enumerate(zip(fused, ref, low, strict=True)):
         assert_close_to_reference(o, r, t, atol=atol, what=f"florence fused {dtype} tensor {i}")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+def test_gpu_meter_flash_attn_varlen_matches_sdpa():
+    """METER's fusion through flash-attn's varlen kernel against SDPA with its key mask, bf16, padded questions."""
+    from florence.models import METER, get_config
+
+    cfg = get_config("florence_cpu_demo")
+    torch.manual_seed(0)
+    kw = {"width": 128, "heads": 4, "layers": 2, "dropout": 0.0, "itm": False}
+    sdpa = METER(cfg["vision"], cfg["text"], 11, **kw).cuda()
+    flash = METER(cfg["vision"], cfg["text"], 11, attn_backend="flash_attn", **kw).cuda()
+    flash.load_state_dict(sdpa.state_dict())
+    tokens = _tokens(4, 32)
+    tokens[1, 5], tokens[1, 6:] = 49407, 0  # a shorter question
+    images = torch.randn(4, 3, 128, 128, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        want, got = sdpa(images, tokens), flash(images, tokens)
+    torch.testing.assert_close(got["vqa_logits"].float(), want["vqa_logits"].float(), rtol=5e-2, atol=5e-2)
