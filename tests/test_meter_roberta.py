@@ -90,13 +90,19 @@ def test_question_only_and_every_parameter_trains(loaded):
     assert "text.model.embeddings.word_embeddings.weight" in model.no_weight_decay_names()
 
 
-def test_save_load_round_trips_without_the_folder(loaded, tmp_path):
-    stream, tokens = loaded
+def test_save_load_round_trips_without_the_folder(folder, tmp_path):
+    import shutil
+
+    from florence.models.roberta import load_roberta
+
+    shutil.copytree(folder, tmp_path / "copy")
+    stream, tokens = load_roberta(str(tmp_path / "copy"), max_length=48)
     model = _meter(stream)
     ids, images = tokens(QUESTIONS), torch.randn(3, 3, 64, 64)
     model.save_pretrained(str(tmp_path / "meter"))
+    shutil.rmtree(tmp_path / "copy")  # the saved METER needs no RoBERTa folder
     again = METER.from_pretrained(str(tmp_path / "meter")).eval()
-    assert again.config["text"] == {"roberta": stream.config}
+    assert again.config["text"] == {"roberta": stream.config} and "_name_or_path" not in stream.config
     with torch.no_grad():
         torch.testing.assert_close(again(images, ids)["vqa_logits"], model(images, ids)["vqa_logits"], rtol=0, atol=0)
     for k, v in stream.state_dict().items():  # from_florence copied the folder's weights
@@ -118,6 +124,10 @@ def test_errors_name_the_problem(folder, loaded, tmp_path):
     with pytest.raises(ValueError, match=r"roberta: expected a RoBERTa config \(model_type in \('roberta',\)\), got "
                                          r"'bert'"):  # fmt: skip
         RobertaStream({"model_type": "bert"})
+    with pytest.raises(ValueError, match=r"roberta: a decoder's config"):
+        RobertaStream({"model_type": "roberta", "is_decoder": True})
+    with pytest.raises(ValueError, match=r"florence: None \(no pretrained Florence\) needs roberta=<RobertaStream>"):
+        METER.from_florence(None, 4, get_config("florence_cpu_test")["vision"], width=32, heads=4)
     stream, tokens = loaded
     model = _meter(stream)
     ids = tokens(QUESTIONS)

@@ -13,7 +13,8 @@ Streams:
   id, CLIP's convention; CLIP's tokenizer pads with 0) are masked out of every attention over text, and the batch is
   cut after its longest question (the causal tower's states up to there do not depend on the padding).
   Or, as in the paper, RoBERTa (``text={"roberta": <RobertaConfig dict>}``, :mod:`florence.models.roberta`, from a
-  local folder through transformers; :meth:`METER.from_florence` with ``roberta=PATH``): its every token state,
+  local folder through transformers; :meth:`METER.from_florence` with ``roberta=load_roberta(PATH)[0]``): its every
+  token state,
   bidirectional, with RoBERTa's own ids (``RobertaTokens``: ``<s> ... </s>`` then its pad id); a token equal to
   the pad id is padding (masked out of every attention over text, and of RoBERTa's own), the batch is cut after its
   longest question.
@@ -80,10 +81,11 @@ def sincos_2d(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> tor
 def _unpad(x: torch.Tensor, mask: torch.Tensor | None):
     """(B, L, ...) and a (B, L) bool mask (None: all real) -> (the real rows packed (total, ...), cu_seqlens int32
     (B + 1,) (each row's start in the packing, then the total), the longest row's length, the packed rows' flat
-    indices in (B L)): flash-attn's varlen layout."""
+    indices in (B L), None when every row is whole): flash-attn's varlen layout."""
     B, L = x.shape[:2]
-    if mask is None:
-        mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
+    if mask is None:  # (image tokens: nothing to pack, no gather and no host sync)
+        cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=x.device)
+        return x.reshape(B * L, *x.shape[2:]), cu, L, None
     lengths = mask.sum(dim=1, dtype=torch.int32)
     cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     index = mask.reshape(-1).nonzero().squeeze(1)
@@ -100,9 +102,11 @@ def flash_varlen_attention(q, k, v, query_mask=None, key_mask=None, dropout_p: f
     B, Lq, h, d = q.shape
     qp, cu_q, max_q, index = _unpad(q, query_mask)
     kp, cu_k, max_k, k_index = _unpad(k, key_mask)
-    vp = v.reshape(-1, h, d)[k_index]
-    o = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p, causal=False)
-    return q.new_zeros(B * Lq, h, d).index_copy(0, index, o.to(q.dtype)).view(B, Lq, h, d)
+    vp = v.reshape(-1, h, d) if k_index is None else v.reshape(-1, h, d)[k_index]
+    o = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p, causal=False).to(q.dtype)
+    if index is None:
+        return o.view(B, Lq, h, d)
+    return q.new_zeros(B * Lq, h, d).index_copy(0, index, o).view(B, Lq, h, d)
 
 
 class Attention(nn.Module):
@@ -289,6 +293,8 @@ class METER(nn.Module):
         may then be None (a CoSwin from scratch, with ``vision_overrides`` the whole vision config)."""
         from .florence import load_state_dict_strict
 
+        if florence is None and roberta is None:
+            raise ValueError("florence: None (no pretrained Florence) needs roberta=<RobertaStream> (the text stream)")
         vision = (florence.visual.config if florence is not None else {}) | dict(vision_overrides or {})
         text = {"roberta": roberta.config} if roberta is not None else florence.config["text"]
         model = cls(vision, text, num_answers, **kwargs)

@@ -45,18 +45,22 @@ def _check_folder(path) -> str:
 
 
 class RobertaStream(nn.Module):
-    """``transformers.RobertaModel`` (no pooler) from ``config``: a RobertaConfig's ``to_dict()``. ValueError for a
-    config of another model type (its ``model_type`` named)."""
+    """``transformers.RobertaModel`` (no pooler) from ``config``: a RobertaConfig's ``to_dict()``, or around an
+    already built ``model`` (``load_roberta``: the weights are not copied). ValueError for a config of another model
+    type (its ``model_type`` named) or of a decoder (causal attention: ``<s>`` would have read nothing)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, model=None):
         super().__init__()
         transformers = _transformers()
         if not isinstance(config, dict) or config.get("model_type") not in MODEL_TYPES:
             got = config.get("model_type") if isinstance(config, dict) else type(config).__name__
             raise ValueError(f"roberta: expected a RoBERTa config (model_type in {MODEL_TYPES}), got {got!r}")
-        cfg = transformers.RobertaConfig.from_dict(config)
-        self.model = transformers.RobertaModel(cfg, add_pooling_layer=False)
-        self.config = cfg.to_dict()
+        if config.get("is_decoder") or config.get("add_cross_attention"):
+            raise ValueError("roberta: a decoder's config (is_decoder / add_cross_attention); METER's text stream is "
+                             "RoBERTa's bidirectional encoder")  # fmt: skip
+        cfg = transformers.RobertaConfig.from_dict({k: v for k, v in config.items() if k != "_name_or_path"})
+        self.model = model if model is not None else transformers.RobertaModel(cfg, add_pooling_layer=False)
+        self.config = {k: v for k, v in cfg.to_dict().items() if k != "_name_or_path"}  # (no local path saved)
         self.width, self.pad_token_id = cfg.hidden_size, cfg.pad_token_id
         self.context_length = cfg.max_position_embeddings - cfg.pad_token_id - 1  # RoBERTa's positions start at pad+1
 
@@ -111,12 +115,14 @@ def load_roberta(path: str, max_length: int = 40) -> tuple[RobertaStream, Robert
     path = _check_folder(path)
     transformers = _transformers()
     pretrained = transformers.RobertaModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
-    stream = RobertaStream(pretrained.config.to_dict())
-    stream.model.load_state_dict(pretrained.state_dict())
+    stream = RobertaStream(pretrained.config.to_dict(), model=pretrained)
     tokens = RobertaTokens(path, max_length)
     if tokens.pad_token_id != stream.pad_token_id:
         raise ValueError(f"roberta: {path}'s tokenizer pads with {tokens.pad_token_id}, its model with "
                          f"{stream.pad_token_id}")  # fmt: skip
+    if len(tokens.tokenizer) > pretrained.config.vocab_size:
+        raise ValueError(f"roberta: {path}'s tokenizer has {len(tokens.tokenizer)} ids, its model embeds "
+                         f"{pretrained.config.vocab_size}")  # fmt: skip
     if max_length > stream.context_length:
         raise ValueError(f"max_length: {max_length} is more than {path}'s {stream.context_length} positions")
     return stream, tokens

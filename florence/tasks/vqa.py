@@ -71,8 +71,11 @@ class VQATask(Task):
             raise ValueError(f"vqa.mlp_ratio: expected a positive number, got {v.get('mlp_ratio')!r}")
         if not isinstance(v.get("question_only"), bool):
             raise ValueError(f"vqa.question_only: expected true or false, got {v.get('question_only')!r}")
-        if v.get("roberta") is not None and not isinstance(v["roberta"], str):
+        if v.get("roberta") is not None and (not isinstance(v["roberta"], str) or not v["roberta"]):
             raise ValueError(f"vqa.roberta: expected null or the path of a local RoBERTa folder, got {v['roberta']!r}")
+        if v.get("attn_backend") == "flash_attn" and cfg.get("precision") not in ("bf16", "fp16"):
+            raise ValueError(f"vqa.attn_backend: flash_attn runs in half precision; precision is "
+                             f"{cfg.get('precision')!r} (set bf16 or fp16)")  # fmt: skip
         from florence.models.text import ATTN_BACKENDS
 
         if v.get("attn_backend") not in ATTN_BACKENDS:
@@ -122,8 +125,11 @@ class VQATask(Task):
         if v["roberta"]:
             from florence.models.roberta import load_roberta
 
-            stream, _ = load_roberta(v["roberta"], v["max_text_len"])
-            florence = load_florence(cfg["init"]) if cfg.get("init") else None
+            try:
+                stream, _ = load_roberta(v["roberta"], v["max_text_len"])
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"vqa.roberta: {e}") from e
+            florence = load_florence(cfg["init"]) if cfg.get("init") and not v["question_only"] else None
             if florence is None:
                 vision = base["vision"] | overrides.get("vision", {}) | vision
             return METER.from_florence(florence, num_answers, vision, roberta=stream, **self._kwargs())
