@@ -196,3 +196,15 @@ OPS: dict[str, Op] = {}
 def register_op(op: Op) -> Op:
     OPS[op.name] = op
     return op
+
+
+def fresh_output(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own (not a view), same storage, no copy: what a custom op returns. Autograd refuses to
+    update in place a view that comes out of a custom Function ("a view ... created inside a custom Function"), and
+    callers do update outputs in place (SwinBlock3D sums its residual into the attention branch with ``add_``). A
+    kernel that computes into a larger buffer or a permuted layout hands back a view; this re-wraps the same memory
+    (the base is an intermediate of the op, referenced by nothing else)."""
+    if not t._is_view():
+        return t
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
+                                                               t.stride())  # fmt: skip

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _env
-from .._dispatch import Backend, Op, autocast_cast, register_op
+from .._dispatch import Backend, Op, autocast_cast, fresh_output, register_op
 
 try:
     import triton
@@ -278,7 +278,8 @@ def _conv_embed_triton_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
     norm_bias: torch.Tensor | None, stride: list[int], padding: list[int], eps: float, layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return conv_embed_triton_fwd(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, layout)
+    out, xhat, rstd = conv_embed_triton_fwd(x, weight, bias, norm_weight, norm_bias, stride, padding, eps, layout)
+    return fresh_output(out), xhat, rstd
 
 
 def _out_spatial(x, weight, stride, padding, layout):

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _env
-from .._dispatch import Backend, Op, autocast_cast, register_op
+from .._dispatch import Backend, Op, autocast_cast, fresh_output, register_op
 
 try:
     import triton
@@ -298,7 +298,8 @@ def _dcn_cpp_op(
     input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor,
     bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
 ) -> torch.Tensor:  # fmt: skip
-    return torch.ops.florence_kernels_C.deform_conv2d_fwd(input, offset, mask, weight, bias, stride, padding, dilation)
+    out = torch.ops.florence_kernels_C.deform_conv2d_fwd(input, offset, mask, weight, bias, stride, padding, dilation)
+    return fresh_output(out)
 
 
 @_dcn_cpp_op.register_fake

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import Backend, Op, register_op
+from .._dispatch import Backend, Op, fresh_output, register_op
 
 try:
     import triton
@@ -318,7 +318,7 @@ _REVERSE_IMPLS = {
 
 @torch.library.custom_op("florence_kernels::window_partition", mutates_args=())
 def _window_partition_op(x: torch.Tensor, window_size: list[int], shift_size: list[int], backend: str) -> torch.Tensor:
-    return _PARTITION_IMPLS[backend](x, window_size, shift_size)
+    return fresh_output(_PARTITION_IMPLS[backend](x, window_size, shift_size))
 
 
 @_window_partition_op.register_fake
@@ -332,7 +332,7 @@ def _(x, window_size, shift_size, backend):
 def _window_reverse_op(
     windows: torch.Tensor, window_size: list[int], shape: list[int], shift_size: list[int], backend: str
 ) -> torch.Tensor:
-    return _REVERSE_IMPLS[backend](windows, window_size, shape, shift_size)
+    return fresh_output(_REVERSE_IMPLS[backend](windows, window_size, shape, shift_size))
 
 
 @_window_reverse_op.register_fake

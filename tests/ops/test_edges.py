@@ -211,6 +211,31 @@ def test_non_contiguous_inputs(spec, backend):
                     torch.testing.assert_close(a, b, msg=f"{what}: grad {j}")
 
 
+@pytest.mark.parametrize("spec,backend", _cases())
+def test_outputs_take_in_place_updates(spec, backend):
+    """An op's output takes in-place updates (SwinBlock3D sums its residual into the attention branch with add_): no
+    backend hands back a view out of its custom op, which autograd refuses to modify in place (field report
+    2026-12-02: the torch path of window_reverse, chosen where florence_kernels._C is not built, broke every training
+    forward of CoSwin; conv_embed's Triton and deform_conv's C++ outputs were views too). The gradient after the update
+    is the update's, or, for an op that saves its output for its backward, autograd's own version-counter error."""
+    dt = _dtype_for(spec.op, backend)
+    leaves = [t.to(dt).requires_grad_() for t in spec.make(2, torch.Generator().manual_seed(3))]
+    out = spec.call(leaves, backend)
+    plain = spec.call([t.detach().requires_grad_() for t in leaves], backend)
+    out.mul_(2.0)  # raised "a view ... created inside a custom Function" for a view out of a custom op
+    try:
+        (out * 1.0).sum().backward()
+    except RuntimeError as e:  # an op that saves its output for its backward (attention) says so, never a wrong grad
+        assert "modified by an inplace operation" in str(e), e
+        return
+    plain_leaves = [t.detach().requires_grad_() for t in leaves]
+    (2.0 * spec.call(plain_leaves, backend)).sum().backward()
+    torch.testing.assert_close(out, 2.0 * plain.detach())
+    for i, (a, b) in enumerate(zip([t.grad for t in leaves], [t.grad for t in plain_leaves], strict=True)):
+        if b is not None:
+            torch.testing.assert_close(a, b, msg=f"{spec.op}[{backend}] grad {i}")
+
+
 def _fp64_cases():
     out = []
     for spec in SPECS:
