@@ -171,7 +171,7 @@ def test_parquet_input_equals_the_same_pairs_in_jsonl(tmp_path):
 @requires("pyarrow")
 def test_bad_parquet_inputs_name_the_file_and_the_column(tmp_path, capsys):
     _write_parquet(tmp_path / "nocol.parquet", {"url": ["http://x/1.jpg"], "caption": ["a cat"]})
-    (tmp_path / "garbage.parquet").write_bytes(os.urandom(300))
+    (tmp_path / "garbage.parquet").write_bytes(random.Random(0).randbytes(300))  # fixed garbage, every run the same
     _write_parquet(tmp_path / "ints.parquet", {"image": [1, 2], "caption": ["a", "b"]})
     for name, words in (("nocol.parquet", ["no 'image' column", "url, caption"]),
                         ("garbage.parquet", ["not a readable Parquet file"]),
